@@ -1,0 +1,90 @@
+"""Wiring: settings -> clients -> routes -> pipeline -> processor. Built once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import boto3
+from botocore.config import Config
+
+from orders_cdc.checkpointing import CheckpointPolicy
+from orders_cdc.consumer import ChangeProcessor
+from orders_cdc.deadletter import SqsDeadLetterSink
+from orders_cdc.pipeline import Pipeline
+from orders_cdc.retry import RetryPolicy
+from orders_cdc.routing import Router
+from orders_cdc.settings import Settings
+
+# Handlers retry at the record level with their own policy; keep the SDK's retries short
+# so a dead downstream surfaces quickly instead of hiding inside one call.
+_SDK_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=3, read_timeout=15)
+
+
+class Clients:
+    """boto3 clients for the handlers, honouring AWS_ENDPOINT_URL[_<SERVICE>]."""
+
+    def __init__(self, settings: Settings, session: boto3.session.Session | None = None):
+        self._settings = settings
+        self._session = session or boto3.session.Session(region_name=settings.region)
+        self._queue_urls: dict[str, str] = {}
+
+    def _client(self, service: str):
+        return self._session.client(service, endpoint_url=self._settings.endpoint(service), config=_SDK_CONFIG)
+
+    # cached_property: created on first use, once; a handler that is never routed to
+    # costs nothing at start-up.
+    @cached_property
+    def dynamodb(self):
+        return self._client("dynamodb")
+
+    @cached_property
+    def sqs(self):
+        return self._client("sqs")
+
+    @cached_property
+    def ses(self):
+        return self._client("ses")
+
+    @cached_property
+    def firehose(self):
+        return self._client("firehose")
+
+    @cached_property
+    def kinesis(self):
+        return self._client("kinesis")
+
+    def queue_url(self, name: str) -> str:
+        if name not in self._queue_urls:
+            self._queue_urls[name] = self.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        return self._queue_urls[name]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What handlers get besides the changes."""
+
+    settings: Settings
+    clients: Clients
+
+
+def build_processor(settings: Settings, clients: Clients | None = None) -> ChangeProcessor:
+    from processors import all_routes
+
+    clients = clients or Clients(settings)
+    ctx = Context(settings, clients)
+    pipeline = Pipeline(
+        router=Router(all_routes(settings.resources)),
+        ctx=ctx,
+        dead_letters=SqsDeadLetterSink(clients.sqs, clients.queue_url(settings.resources.dlq_queue)),
+        retry=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_seconds=settings.retry_base_seconds,
+            max_seconds=settings.retry_max_seconds,
+            max_record_age_seconds=settings.max_record_age_seconds,
+        ),
+    )
+    return ChangeProcessor(
+        pipeline,
+        lambda: CheckpointPolicy(settings.checkpoint_every_records, settings.checkpoint_every_seconds),
+    )

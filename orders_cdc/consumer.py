@@ -1,0 +1,73 @@
+"""The record processor the daemon drives: one per shard, one process per shard.
+
+It stays thin: hand the batch to the pipeline, feed the outcomes to the checkpoint
+policy, checkpoint when due. Exceptions are not caught here; see kcl/protocol.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from orders_cdc.checkpointing import CheckpointPolicy
+from orders_cdc.kcl.protocol import Checkpointer, CheckpointError, KclError, RecordProcessor
+from orders_cdc.metrics import emf
+from orders_cdc.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class ChangeProcessor(RecordProcessor):
+    def __init__(self, pipeline: Pipeline, new_policy: Callable[[], CheckpointPolicy], metrics: bool = True):
+        self._pipeline = pipeline
+        self._new_policy = new_policy
+        self._metrics = metrics
+        self.shard_id = ""
+        self.policy = new_policy()
+        self.totals: Counter[str] = Counter()
+
+    def initialize(self, shard_id, sequence_number, sub_sequence_number) -> None:
+        self.shard_id = shard_id
+        self.policy = self._new_policy()
+        log.info("shard initialized", extra={"shard": shard_id, "from": sequence_number})
+
+    def process_records(self, records, millis_behind_latest, checkpointer: Checkpointer) -> None:
+        if records:
+            started = time.perf_counter()
+            results = self._pipeline.process(records, self.shard_id)
+            self.policy.observe(results)
+            counts = Counter(r.outcome.value for r in results)
+            self.totals.update(counts)
+            if self._metrics:
+                emf(
+                    {"Records": len(records), **{k.title().replace("_", ""): v for k, v in counts.items()},
+                     "BatchSeconds": time.perf_counter() - started, "MillisBehindLatest": millis_behind_latest or 0},
+                    {"Shard": self.shard_id},
+                    units={"BatchSeconds": "Seconds", "MillisBehindLatest": "Milliseconds"},
+                )
+        # The daemon also calls with an empty list when idle (callProcessRecordsEvenForEmptyRecordList),
+        # which lets a time-due checkpoint land without waiting for the next record.
+        self.policy.checkpoint(checkpointer)
+
+    def lease_lost(self) -> None:
+        # Another worker owns the shard now; checkpointing would fail and must not be tried.
+        log.info("lease lost", extra={"shard": self.shard_id, "totals": dict(self.totals)})
+
+    def shard_ended(self, checkpointer: Checkpointer) -> None:
+        # Every record was handled before this call (process_records returns only then), so
+        # SHARD_END is safe; without it the child shards are never processed.
+        for attempt in range(1, 6):
+            try:
+                checkpointer.checkpoint(None, None)
+                break
+            except CheckpointError as exc:
+                if exc.error is not KclError.THROTTLING or attempt == 5:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        log.info("shard ended", extra={"shard": self.shard_id, "totals": dict(self.totals)})
+
+    def shutdown_requested(self, checkpointer: Checkpointer) -> None:
+        self.policy.checkpoint(checkpointer, force=True)
+        log.info("shutdown requested", extra={"shard": self.shard_id, "checkpoint": self.policy.committed})

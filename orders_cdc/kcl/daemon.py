@@ -1,0 +1,108 @@
+"""Start the Java MultiLangDaemon: effective properties, classpath, JVM flags, signals.
+
+The daemon is a child of `orders-cdc run` in its own session, so a terminal's Ctrl-C
+reaches only us; we turn it into one SIGTERM to the JVM, which asks every record
+processor to checkpoint (shutdownRequested) within shutdownGraceMillis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from orders_cdc.errors import SettingsError
+from orders_cdc.kcl import properties
+from orders_cdc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+RECORD_PROCESSOR = PROJECT_ROOT / "record_processor.py"
+LOGBACK = PROJECT_ROOT / "infra" / "logback.xml"
+MAIN_CLASS = "software.amazon.kinesis.multilang.MultiLangDaemon"
+# The SDK v2 Kinesis client speaks CBOR unless told not to; emulators and proxies that
+# inspect JSON need it off, and it costs nothing against real AWS. There is no
+# properties key for it (KCL #784).
+JVM_FLAGS = ("-Daws.cborEnabled=false",)
+
+
+def jars_dir() -> Path:
+    override = os.environ.get("ORDERS_CDC_KCL_JARS")
+    if override:
+        path = Path(override)
+    else:
+        import amazon_kclpy
+
+        path = Path(amazon_kclpy.__file__).parent / "jars"
+    if not any(path.glob("amazon-kinesis-client-multilang-*.jar")):
+        raise SettingsError(f"no KCL multilang jar in {path}: run `make install`")
+    return path
+
+
+def effective_properties(settings: Settings, base_file: Path, executable: str | None = None) -> dict[str, str]:
+    """app.properties, checked, with the environment's deployment values laid over it."""
+    entries = properties.parse(base_file.read_text(), str(base_file))
+    values = {key: entry.value for key, entry in entries.items()}
+    values["executableName"] = executable or f"{sys.executable} {RECORD_PROCESSOR}"
+    if settings.application_name:
+        values["applicationName"] = settings.application_name
+    values["regionName"] = settings.region
+    if settings.stream_name:
+        values.pop("streamArn", None)
+        values["streamName"] = settings.stream_name
+    if settings.worker_id:
+        values["workerId"] = settings.worker_id
+    for service, key in (("kinesis", "kinesisEndpoint"), ("dynamodb", "dynamoDBEndpoint")):
+        if settings.endpoint(service):
+            values[key] = settings.endpoint(service)
+    if settings.endpoint("cloudwatch"):
+        values["cloudWatchClient.endpointOverride"] = settings.endpoint("cloudwatch")
+    if settings.initial_position is not None:
+        properties.set_position(values, settings.initial_position)
+    properties.validate({k: properties.Entry(0, k, v) for k, v in values.items()}, str(base_file))
+    return values
+
+
+@dataclass(frozen=True)
+class DaemonCommand:
+    argv: list[str]
+    properties_file: Path
+
+
+def build_command(values: dict[str, str], run_dir: Path, java: str | None = None) -> DaemonCommand:
+    java = java or os.environ.get("JAVA", "") or shutil.which("java") or ""
+    if not java:
+        raise SettingsError("java not found: install a Java 11+ runtime or set JAVA=/path/to/java")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    props = run_dir / "daemon.properties"
+    props.write_text(properties.render(values))
+    classpath = f"{jars_dir()}/*{os.pathsep}{run_dir}"
+    argv = [java, *JVM_FLAGS, f"-Dlogback.configurationFile={LOGBACK}", "-cp", classpath, MAIN_CLASS,
+            "--properties-file", str(props)]
+    return DaemonCommand(argv, props)
+
+
+def run(command: DaemonCommand, env: dict[str, str] | None = None) -> int:
+    """Run the daemon to its end; SIGTERM/SIGINT to us become one SIGTERM to it."""
+    proc = subprocess.Popen(command.argv, env=env, start_new_session=True, stdout=sys.stderr, stdin=subprocess.DEVNULL)
+    log.info("daemon started", extra={"pid": proc.pid, "properties": str(command.properties_file)})
+
+    def forward(signum, _frame):
+        log.info("stopping daemon", extra={"signal": signal.Signals(signum).name, "pid": proc.pid})
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.info("daemon exited", extra={"code": code})
+    return code

@@ -1,0 +1,42 @@
+"""Checks before the JVM starts, so a wrong stream or endpoint is one clear line, not a
+wall of Java stack traces a minute later."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+from orders_cdc.errors import SettingsError
+from orders_cdc.settings import Settings
+
+_QUICK = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=5)
+
+
+def preflight(settings: Settings, stream_name: str, lease_table: str) -> None:
+    session = boto3.session.Session(region_name=settings.region)
+    kinesis = session.client("kinesis", endpoint_url=settings.endpoint("kinesis"), config=_QUICK)
+    dynamodb = session.client("dynamodb", endpoint_url=settings.endpoint("dynamodb"), config=_QUICK)
+    where = settings.endpoint("kinesis") or f"Kinesis in {settings.region}"
+    try:
+        summary = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]
+    except NoCredentialsError:
+        raise SettingsError("no AWS credentials found (environment, profile or task role)") from None
+    except EndpointConnectionError:
+        raise SettingsError(f"cannot reach Kinesis at {where}") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code == "ResourceNotFoundException":
+            raise SettingsError(f"stream {stream_name!r} not found at {where}") from None
+        raise SettingsError(f"Kinesis at {where} refused DescribeStreamSummary: {code}") from None
+    if summary["StreamStatus"] not in ("ACTIVE", "UPDATING"):
+        raise SettingsError(f"stream {stream_name!r} is {summary['StreamStatus']}, not ACTIVE")
+    where = settings.endpoint("dynamodb") or f"DynamoDB in {settings.region}"
+    try:
+        dynamodb.describe_table(TableName=lease_table)
+    except EndpointConnectionError:
+        raise SettingsError(f"cannot reach DynamoDB (lease table) at {where}") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code != "ResourceNotFoundException":  # the daemon creates its lease table
+            raise SettingsError(f"DynamoDB at {where} refused DescribeTable: {code}") from None

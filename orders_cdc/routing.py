@@ -1,0 +1,80 @@
+"""Declarative routes: table, event name(s), an optional predicate, and the handler.
+
+Each processors/ module declares its own ROUTES; they are merged once at start. One change
+may match several routes; each matching handler sees it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from orders_cdc.change import ChangeRecord, EventName
+
+Predicate = Callable[[ChangeRecord], bool]
+
+
+class Handler(Protocol):
+    """A plain function over a batch of changes (in stream order).
+
+    Return normally when all are done; raise PartialBatchFailure for some, or any
+    exception for all of them.
+    """
+
+    def __call__(self, changes: Sequence[ChangeRecord], ctx: Any) -> None: ...
+
+
+ALL_EVENTS = frozenset(EventName)
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    table: str
+    handler: Handler
+    events: frozenset[EventName] = ALL_EVENTS
+    when: Predicate | None = None
+
+    def matches(self, change: ChangeRecord) -> bool:
+        return (
+            change.table == self.table
+            and change.event in self.events
+            and (self.when is None or self.when(change))
+        )
+
+
+def transition(field: str, to: Any, from_: Any = _MISSING) -> Predicate:
+    """`field` changes to `to` (from `from_`, or from anything else).
+
+    An INSERT that arrives with the value counts as a transition from nothing; a MODIFY
+    whose value did not change does not match, so a re-save of a shipped order sends no
+    second email.
+    """
+
+    def predicate(change: ChangeRecord) -> bool:
+        if change.event is EventName.REMOVE:
+            return False
+        new = change.new_value(field)
+        if new != to:
+            return False
+        old = change.old_value(field) if change.event is EventName.MODIFY else None
+        if old == new:
+            return False
+        return from_ is _MISSING or old == from_
+
+    predicate.__name__ = f"transition({field}: {'*' if from_ is _MISSING else from_!r} -> {to!r})"
+    return predicate
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route]):
+        self.routes: tuple[Route, ...] = tuple(routes)
+        names = [r.name for r in self.routes]
+        duplicated = {n for n in names if names.count(n) > 1}
+        if duplicated:
+            raise ValueError(f"duplicate route names: {sorted(duplicated)}")
+
+    def match(self, change: ChangeRecord) -> tuple[Route, ...]:
+        return tuple(route for route in self.routes if route.matches(change))

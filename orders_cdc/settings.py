@@ -1,0 +1,167 @@
+"""Settings: read once from the environment into a frozen object.
+
+Every setting has a documented default (README, "Configuration"). A bad value raises
+SettingsError with one line naming the variable, the value and what is allowed; the
+entry points print that line and exit 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from orders_cdc.errors import SettingsError
+
+PREFIX = "ORDERS_CDC_"
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Names of the downstream resources the handlers write to."""
+
+    orders_table: str = "Orders"
+    dlq_queue: str = "orders-cdc-dlq"
+    refund_queue: str = "orders-cdc-refunds"
+    inventory_table: str = "Inventory"
+    product_orders_table: str = "ProductOrders"
+    order_metrics_table: str = "OrderMetrics"
+    product_metrics_table: str = "ProductMetrics"
+    idempotency_table: str = "Idempotency"
+    firehose_stream: str = "orders-cdc-analytics"
+    sender_email: str = "orders@example.com"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    region: str
+    # None: keep app.properties' value. Set: the environment wins.
+    stream_name: str | None = None
+    application_name: str | None = None
+    worker_id: str | None = None
+    # None keeps app.properties' value; otherwise TRIM_HORIZON, LATEST or a UTC datetime.
+    initial_position: str | datetime | None = None
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    log_level: str = "INFO"
+    checkpoint_every_records: int = 1000
+    checkpoint_every_seconds: float = 5.0
+    max_attempts: int = 5
+    retry_base_seconds: float = 0.2
+    retry_max_seconds: float = 5.0
+    max_record_age_seconds: float = 0.0  # 0 = no age limit
+
+    def endpoint(self, service: str) -> str | None:
+        return self.endpoints.get(service) or self.endpoints.get("")
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_SERVICES = ("kinesis", "dynamodb", "dynamodbstreams", "cloudwatch", "sqs", "ses", "firehose", "s3")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{PREFIX}{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name}={raw!r} is not a number") from None
+    if not value >= minimum:
+        raise SettingsError(f"{PREFIX}{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def parse_position(raw: str, name: str = PREFIX + "INITIAL_POSITION") -> str | datetime:
+    """TRIM_HORIZON, LATEST, or an ISO-8601 time / epoch seconds for AT_TIMESTAMP."""
+    upper = raw.strip().upper()
+    if upper in ("TRIM_HORIZON", "LATEST"):
+        return upper
+    text = raw.strip()
+    if text.upper().startswith("AT_TIMESTAMP:"):
+        text = text.split(":", 1)[1]
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return datetime.fromtimestamp(float(text), tz=timezone.utc)
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SettingsError(
+            f"{name}={raw!r}: expected TRIM_HORIZON, LATEST, an ISO-8601 time or epoch seconds"
+        ) from None
+    if when.tzinfo is None:
+        raise SettingsError(f"{name}={raw!r}: give a timezone (e.g. 2026-11-28T10:00:00Z)")
+    return when.astimezone(timezone.utc)
+
+
+def _endpoints(env: Mapping[str, str]) -> dict[str, str]:
+    """The standard AWS variables: AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_<SERVICE>."""
+    found: dict[str, str] = {}
+    generic = env.get("AWS_ENDPOINT_URL")
+    if generic:
+        found[""] = generic
+    for service in _SERVICES:
+        value = env.get("AWS_ENDPOINT_URL_" + service.upper())
+        if value:
+            found[service] = value
+    for key, value in found.items():
+        if not re.match(r"^https?://[^\s/]+", value):
+            var = "AWS_ENDPOINT_URL" + ("_" + key.upper() if key else "")
+            raise SettingsError(f"{var}={value!r} is not an http(s) URL")
+    return found
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise SettingsError("AWS_REGION is not set (e.g. AWS_REGION=us-east-1)")
+    stream = env.get(PREFIX + "STREAM") or None
+    if stream and not _NAME.match(stream):
+        raise SettingsError(f"{PREFIX}STREAM={stream!r} is not a valid stream name")
+    app = env.get(PREFIX + "APPLICATION") or None
+    if app and not _NAME.match(app):
+        raise SettingsError(f"{PREFIX}APPLICATION={app!r} is not a valid application name")
+    level = env.get(PREFIX + "LOG_LEVEL", "INFO").upper()
+    if level not in _LOG_LEVELS:
+        raise SettingsError(f"{PREFIX}LOG_LEVEL={level!r}: expected one of {', '.join(_LOG_LEVELS)}")
+    position_raw = env.get(PREFIX + "INITIAL_POSITION")
+    position = parse_position(position_raw) if position_raw else None
+    defaults = Resources()
+    resources = Resources(
+        **{
+            name: env.get(PREFIX + name.upper(), getattr(defaults, name))
+            for name in Resources.__dataclass_fields__
+        }
+    )
+    return Settings(
+        region=region,
+        stream_name=stream,
+        application_name=app,
+        worker_id=env.get(PREFIX + "WORKER_ID") or None,
+        initial_position=position,
+        endpoints=_endpoints(env),
+        resources=resources,
+        log_level=level,
+        checkpoint_every_records=_int(env, "CHECKPOINT_EVERY_RECORDS", 1000, minimum=1),
+        checkpoint_every_seconds=_float(env, "CHECKPOINT_EVERY_SECONDS", 5.0),
+        max_attempts=_int(env, "MAX_ATTEMPTS", 5, minimum=1),
+        retry_base_seconds=_float(env, "RETRY_BASE_SECONDS", 0.2),
+        retry_max_seconds=_float(env, "RETRY_MAX_SECONDS", 5.0),
+        max_record_age_seconds=_float(env, "MAX_RECORD_AGE_SECONDS", 0.0),
+    )

@@ -1,0 +1,92 @@
+"""Analytics: every change becomes one flat NDJSON event in Firehose (-> S3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from orders_cdc.attrvalue import dumps_exact
+from orders_cdc.change import ChangeRecord, EventName
+from orders_cdc.errors import PartialBatchFailure, RetryableError
+from orders_cdc.routing import Route
+from orders_cdc.settings import Resources
+
+# PutRecordBatch limits: 500 records and 4 MiB per call.
+_MAX_RECORDS = 500
+_MAX_BYTES = 4 * 1024 * 1024
+
+
+def event_type(change: ChangeRecord) -> str:
+    if change.event is EventName.INSERT:
+        return "order_created"
+    if change.event is EventName.REMOVE:
+        return "order_expired" if change.ttl_delete else "order_removed"
+    status, before = change.new_value("status"), change.old_value("status")
+    if status != before and status in ("shipped", "delivered", "cancelled"):
+        return f"order_{status}"
+    return "order_updated"
+
+
+def flatten(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"a": {"b": [1, {"c": 2}]}} -> {"a.b.0": 1, "a.b.1.c": 2}: one level, for columnar stores."""
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            flatten(inner, f"{prefix}{key}.", out)
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            flatten(inner, f"{prefix}{i}.", out)
+    else:
+        out[prefix[:-1]] = value
+    return out
+
+
+def to_event(change: ChangeRecord) -> dict[str, Any]:
+    image = change.new_image if change.event is not EventName.REMOVE else change.old_image
+    position = change.position
+    return {
+        "event_type": event_type(change),
+        "event_name": change.event.value,
+        "table": change.table,
+        "keys": change.keys,
+        "created_at": change.created_at,
+        # When this consumer handled it: created_at -> processed_at is the pipeline's lag.
+        "processed_at": datetime.now(timezone.utc),
+        "ttl_delete": change.ttl_delete,
+        "shard_id": position.shard_id if position else None,
+        "sequence_number": position.sequence_number if position else None,
+        "sub_sequence_number": position.sub_sequence_number if position else None,
+        "item": flatten(image or {}),
+    }
+
+
+def firehose_copy(changes: Sequence[ChangeRecord], ctx) -> None:
+    stream = ctx.settings.resources.firehose_stream
+    lines = [dumps_exact(to_event(c)) + b"\n" for c in changes]
+    failures: dict[int, BaseException] = {}
+    for start, end in _chunks(lines):
+        reply = ctx.clients.firehose.put_record_batch(
+            DeliveryStreamName=stream, Records=[{"Data": line} for line in lines[start:end]]
+        )
+        if reply.get("FailedPutCount"):
+            for offset, entry in enumerate(reply["RequestResponses"]):
+                if "ErrorCode" in entry:
+                    failures[start + offset] = RetryableError(f"{entry['ErrorCode']}: {entry.get('ErrorMessage')}")
+    if failures:
+        raise PartialBatchFailure(failures)
+
+
+def _chunks(lines: list[bytes]):
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        if i - start == _MAX_RECORDS or size + len(line) > _MAX_BYTES:
+            yield start, i
+            start, size = i, 0
+        size += len(line)
+    if start < len(lines):
+        yield start, len(lines)
+
+
+def routes(resources: Resources) -> list[Route]:
+    return [Route("analytics.firehose_copy", resources.orders_table, firehose_copy)]

@@ -1,0 +1,154 @@
+"""Batch -> outcomes, with handlers that fail in scripted ways and an in-memory DLQ."""
+
+import pytest
+
+from orders_cdc.deadletter import DeadLetterSink, InMemoryDeadLetterSink
+from orders_cdc.errors import FatalProcessingError, PartialBatchFailure, PermanentError, RetryableError
+from orders_cdc.pipeline import Outcome, Pipeline
+from orders_cdc.retry import RetryPolicy
+from orders_cdc.routing import Route, Router
+from tests.factories import kcl_record, kds_record, sequence_number
+
+
+def order(order_id, status, old_status=None, event="MODIFY"):
+    new = {"order_id": order_id, "status": status}
+    old = {"order_id": order_id, "status": old_status} if old_status else None
+    if event == "INSERT":
+        old = None
+    return kds_record(event, new=new, old=old, keys={"order_id": order_id})
+
+
+def batch(*docs):
+    return [kcl_record(doc, sequence_number(i)) for i, doc in enumerate(docs, 1)]
+
+
+class Calls:
+    def __init__(self):
+        self.seen = []
+
+    def ok(self, changes, ctx):
+        self.seen.append([c.keys["order_id"] for c in changes])
+
+
+class FailingDeadLetters(DeadLetterSink):
+    def send(self, letters):
+        raise RetryableError("SQS down")
+
+
+def pipeline(routes, dlq=None, attempts=3, clock=None):
+    return Pipeline(
+        router=Router(routes),
+        ctx=None,
+        dead_letters=dlq if dlq is not None else InMemoryDeadLetterSink(),
+        retry=RetryPolicy(max_attempts=attempts, base_seconds=0.0, max_seconds=0.0),
+        sleep=lambda s: None,
+        **({"clock": clock} if clock else {}),
+    )
+
+
+def test_each_record_gets_one_outcome_in_order():
+    calls = Calls()
+    p = pipeline([Route("all", "Orders", calls.ok)])
+    other_table = kds_record("INSERT", new={"id": "x"}, keys={"id": "x"}, table="Other")
+    results = p.process(batch(order("o-1", "shipped", "processing"), other_table, order("o-2", "pending", event="INSERT")), "shard-0")
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.SKIPPED, Outcome.DONE]
+    assert [r.sequence_number for r in results] == [sequence_number(1), sequence_number(2), sequence_number(3)]
+    assert calls.seen == [["o-1", "o-2"]]
+
+
+def test_decode_error_is_dead_lettered_with_reason_and_the_rest_goes_on():
+    calls = Calls()
+    dlq = InMemoryDeadLetterSink()
+    p = pipeline([Route("all", "Orders", calls.ok)], dlq)
+    records = batch(order("o-1", "pending", event="INSERT"), order("o-2", "pending", event="INSERT"))
+    records[0] = {**records[0], "data": "%%% not base64"}
+    results = p.process(records, "shard-0")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE]
+    assert calls.seen == [["o-2"]]
+    [letter] = dlq.letters
+    assert letter.record == records[0], "the original record, untouched"
+    assert "base64" in letter.reason
+    assert (letter.shard_id, letter.sequence_number, letter.attempts) == ("shard-0", sequence_number(1), 1)
+
+
+def test_retryable_failure_is_retried_until_it_succeeds():
+    attempts = []
+
+    def flaky(changes, ctx):
+        attempts.append(len(changes))
+        if len(attempts) < 3:
+            raise RetryableError("throttled")
+
+    p = pipeline([Route("flaky", "Orders", flaky)], attempts=5)
+    results = p.process(batch(order("o-1", "pending", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DONE]
+    assert attempts == [1, 1, 1]
+
+
+def test_only_the_failed_route_and_records_are_retried():
+    calls = Calls()
+    tries = []
+
+    def partial(changes, ctx):
+        tries.append([c.keys["order_id"] for c in changes])
+        if len(tries) == 1:
+            raise PartialBatchFailure({1: RetryableError("one failed")})
+
+    p = pipeline([Route("ok", "Orders", calls.ok), Route("partial", "Orders", partial)])
+    results = p.process(batch(order("o-1", "pending", event="INSERT"), order("o-2", "pending", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.DONE]
+    assert tries == [["o-1", "o-2"], ["o-2"]]
+    assert calls.seen == [["o-1", "o-2"]], "the route that succeeded is not run again"
+
+
+def test_permanent_error_is_dead_lettered_at_once():
+    tries = []
+
+    def bad(changes, ctx):
+        tries.append(1)
+        raise PermanentError("validation failed")
+
+    dlq = InMemoryDeadLetterSink()
+    p = pipeline([Route("bad", "Orders", bad)], dlq, attempts=5)
+    results = p.process(batch(order("o-1", "pending", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
+    assert tries == [1]
+    assert dlq.letters[0].failed_routes == ("bad",)
+    assert dlq.letters[0].error_type == "PermanentError"
+
+
+def test_retries_are_bounded_then_dead_lettered():
+    tries = []
+
+    def down(changes, ctx):
+        tries.append(1)
+        raise RetryableError("still down")
+
+    dlq = InMemoryDeadLetterSink()
+    results = pipeline([Route("down", "Orders", down)], dlq, attempts=3).process(batch(order("o-1", "x", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
+    assert len(tries) == 3
+    assert dlq.letters[0].attempts == 3
+
+
+def test_records_older_than_max_age_are_not_retried():
+    tries = []
+
+    def down(changes, ctx):
+        tries.append(1)
+        raise RetryableError("down")
+
+    p = Pipeline(router=Router([Route("down", "Orders", down)]), ctx=None, dead_letters=InMemoryDeadLetterSink(),
+                 retry=RetryPolicy(max_attempts=10, base_seconds=0, max_seconds=0, max_record_age_seconds=60),
+                 sleep=lambda s: None)  # the factory's records were created in 2024
+    results = p.process(batch(order("o-1", "x", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
+    assert tries == [1]
+
+
+def test_unwritable_dead_letter_queue_is_fatal_not_acknowledged():
+    p = pipeline([], FailingDeadLetters())
+    records = batch(order("o-1", "x", event="INSERT"))
+    records[0] = {**records[0], "data": "!!"}
+    with pytest.raises(FatalProcessingError, match="could not be dead-lettered"):
+        p.process(records, "s")

@@ -1,0 +1,53 @@
+from datetime import datetime, timezone
+
+import pytest
+
+from orders_cdc.errors import SettingsError
+from orders_cdc.settings import load, parse_position
+
+BASE = {"AWS_REGION": "us-east-1", "ORDERS_CDC_STREAM": "orders"}
+
+
+def test_defaults():
+    s = load(BASE)
+    assert s.application_name is None, "app.properties' value is kept"
+    assert s.resources.dlq_queue == "orders-cdc-dlq"
+    assert s.checkpoint_every_records == 1000
+    assert s.endpoint("kinesis") is None
+
+
+def test_standard_endpoint_variables():
+    s = load({**BASE, "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ENDPOINT_URL_KINESIS": "http://127.0.0.1:2"})
+    assert s.endpoint("kinesis") == "http://127.0.0.1:2"
+    assert s.endpoint("sqs") == "http://127.0.0.1:1"
+
+
+def test_region_falls_back_to_default_region():
+    assert load({"AWS_DEFAULT_REGION": "eu-west-1", "ORDERS_CDC_STREAM": "x"}).region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ORDERS_CDC_STREAM": "x"}, "AWS_REGION is not set"),
+        ({**BASE, "ORDERS_CDC_MAX_ATTEMPTS": "many"}, "ORDERS_CDC_MAX_ATTEMPTS='many' is not an integer"),
+        ({**BASE, "ORDERS_CDC_MAX_ATTEMPTS": "0"}, "must be >= 1"),
+        ({**BASE, "ORDERS_CDC_LOG_LEVEL": "LOUD"}, "expected one of"),
+        ({**BASE, "AWS_ENDPOINT_URL_KINESIS": "localhost:4566"}, "AWS_ENDPOINT_URL_KINESIS='localhost:4566' is not an http"),
+        ({**BASE, "ORDERS_CDC_INITIAL_POSITION": "yesterday"}, "expected TRIM_HORIZON, LATEST"),
+        ({**BASE, "ORDERS_CDC_STREAM": "bad name"}, "not a valid stream name"),
+    ],
+)
+def test_bad_settings_fail_in_one_line(env, message):
+    with pytest.raises(SettingsError) as info:
+        load(env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_positions():
+    assert parse_position("trim_horizon") == "TRIM_HORIZON"
+    assert parse_position("1700000000") == datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)
+    assert parse_position("AT_TIMESTAMP:2026-11-28T10:00:00+01:00") == datetime(2026, 11, 28, 9, tzinfo=timezone.utc)
+    with pytest.raises(SettingsError, match="give a timezone"):
+        parse_position("2026-11-28T10:00:00")
