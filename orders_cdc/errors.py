@@ -81,7 +81,7 @@ def is_retryable(exc: BaseException) -> bool:
         return err.get("Code") in _RETRYABLE_CODES or status >= 500 or status == 429
     if isinstance(exc, (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError, TimeoutError, OSError)):
         return True
-    from orders_cdc.change import DecodeError  # local import: change.py imports nothing of ours
+    from orders_cdc.change import DecodeError  # local import: keeps errors.py importable from anywhere
 
     if isinstance(exc, (DecodeError, ValueError, TypeError)):
         return False

@@ -62,7 +62,13 @@ class Pipeline:
         for i, change in enumerate(changes):
             if change is None:
                 continue
-            for route in self.router.match(change):
+            try:
+                # Images are decoded lazily, so a corrupt image can first show up here.
+                matched = self.router.match(change)
+            except DecodeError as exc:
+                letters[i] = self._letter(records[i], shard_id, exc, attempts=1)
+                continue
+            for route in matched:
                 work.setdefault(route, []).append(i)
                 routed.add(i)
 

@@ -75,9 +75,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from orders_cdc.local.orders import OrderDemo
     from orders_cdc.local.runner import LocalRun
-    from orders_cdc.local.summary import Summary, render
+    from orders_cdc.local.summary import Summary, one_line, render
 
     console = Console(stderr=True)
+    # The console tells the story; JSON logs stay for warnings and errors.
+    logging.getLogger().setLevel(logging.WARNING)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -101,7 +103,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         demo, ser = OrderDemo(seed=args.seed), TypeSerializer()
         next_write = time.monotonic()
         next_draw = 0.0
-        with Live(console=console, refresh_per_second=2, transient=False) as live:
+        # In a terminal the table redraws in place; piped, a line every few seconds.
+        redraw = 1.0 if console.is_terminal else 5.0
+        with Live(console=console, refresh_per_second=2, transient=False, auto_refresh=console.is_terminal) as live:
             while not stop.is_set():
                 now = time.monotonic()
                 if args.duration and now - started > args.duration:
@@ -115,8 +119,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     writes += 1
                     next_write = now + 1.0 / args.rate
                 if now >= next_draw:
-                    live.update(render(summary.snapshot(writes), now - started))
-                    next_draw = now + 1.0
+                    snap = summary.snapshot(writes)
+                    if console.is_terminal:
+                        live.update(render(snap, now - started))
+                    else:
+                        console.print(one_line(snap, now - started))
+                    next_draw = now + redraw
                 stop.wait(min(0.05, max(0.0, next_write - time.monotonic())))
         return 0
     finally:

@@ -93,3 +93,10 @@ def render(snap: Snapshot, elapsed_s: float) -> Table:
     lag = "—" if snap.lag_p50_s is None else f"p50 {snap.lag_p50_s:.2f}s, max {snap.lag_max_s:.2f}s"
     table.add_row("lag, write → analytics (last 200)", lag)
     return table
+
+
+def one_line(snap: Snapshot, elapsed_s: float) -> str:
+    shards = " ".join(f"{str(k)[-4:]}={v}" for k, v in sorted(snap.per_shard.items(), key=lambda kv: str(kv[0])))
+    lag = "-" if snap.lag_p50_s is None else f"{snap.lag_p50_s:.2f}s/{snap.lag_max_s:.2f}s"
+    return (f"[{elapsed_s:5.0f}s] writes={snap.orders_written} consumed[{shards}] emails={snap.emails} "
+            f"refunds={snap.refunds} inventory_rows={snap.inventory_moves} dlq={snap.dead_letters} lag p50/max={lag}")

@@ -152,3 +152,17 @@ def test_unwritable_dead_letter_queue_is_fatal_not_acknowledged():
     records[0] = {**records[0], "data": "!!"}
     with pytest.raises(FatalProcessingError, match="could not be dead-lettered"):
         p.process(records, "s")
+
+
+def test_corrupt_image_found_while_routing_is_dead_lettered():
+    calls = Calls()
+    dlq = InMemoryDeadLetterSink()
+    from orders_cdc.routing import transition
+
+    p = pipeline([Route("shipped", "Orders", calls.ok, when=transition("status", "shipped"))], dlq)
+    bad = kds_record("MODIFY", new_av={"order_id": {"S": "o-1"}, "status": {"XX": "shipped"}},
+                     old={"order_id": "o-1", "status": "processing"}, keys={"order_id": "o-1"})
+    results = p.process(batch(bad, order("o-2", "shipped", "processing")), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE]
+    assert calls.seen == [["o-2"]]
+    assert "XX" in dlq.letters[0].reason
