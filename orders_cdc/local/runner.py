@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,6 @@ from pathlib import Path
 
 import boto3
 
-from orders_cdc import settings as settings_module
-from orders_cdc.kcl import daemon
 from orders_cdc.local.bridge import StreamBridge
 from orders_cdc.local.resources import ResourceNames, create_resources
 from orders_cdc.local.stack import PROJECT_ROOT, LocalStack, LocalStackConfig
@@ -120,12 +119,12 @@ class LocalRun:
         self._bridge_thread.start()
 
     def start_daemon(self, worker_id: str | None = None, **extra_env: str) -> DaemonProcess:
+        """`orders-cdc run`, exactly as the container runs it, with the local environment."""
         env = self.env(**({"ORDERS_CDC_WORKER_ID": worker_id} if worker_id else {}), **extra_env)
-        settings = settings_module.load(env)
-        values = daemon.effective_properties(settings, self.cfg.properties)
-        worker = values.get("workerId", "worker")
-        command = daemon.build_command(values, self.cfg.stack.root / "run" / worker)
-        proc = DaemonProcess(command.argv, env, self.cfg.stack.root / "logs" / f"daemon-{worker}.log")
+        worker = env["ORDERS_CDC_WORKER_ID"]
+        argv = [sys.executable, "-m", "orders_cdc.cli", "run", "--properties", str(self.cfg.properties),
+                "--run-dir", str(self.cfg.stack.root / "run" / worker)]
+        proc = DaemonProcess(argv, env, self.cfg.stack.root / "logs" / f"daemon-{worker}.log")
         proc.start()
         self.daemons.append(proc)
         return proc

@@ -50,7 +50,7 @@ def read_events(run: LocalRun) -> list[dict]:
         body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
         # parse_float=Decimal: numbers are compared exactly, never through float
         events += [json.loads(line, parse_float=Decimal) for line in body.splitlines() if line.strip()]
-    return events
+    return [e for e in events if e.get("record_type", "analytics") == "analytics"]
 
 
 def lease_checkpoints(run: LocalRun) -> dict[str, str]:

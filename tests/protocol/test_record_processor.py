@@ -76,7 +76,7 @@ def analytics_events(clients, bucket):
     for obj in clients.s3.list_objects_v2(Bucket=bucket).get("Contents", []):
         body = clients.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
         events += [orjson.loads(line) for line in body.splitlines() if line.strip()]
-    return events
+    return [e for e in events if e.get("record_type", "analytics") == "analytics"]
 
 
 def dead_letters(clients, url):

@@ -1,0 +1,63 @@
+"""`orders-cdc run` refuses a bad setup before the JVM starts, in one line on stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(args, env, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ORDERS_CDC_"))}
+    return subprocess.run([sys.executable, "-m", "orders_cdc.cli", "run", "--run-dir", str(tmp_path), *args],
+                          env={**base, **env}, cwd=ROOT, capture_output=True, timeout=60)
+
+
+def one_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr.decode()[-2000:]
+    assert proc.stdout == b""
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def aws_env(moto_server):
+    return {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_ENDPOINT_URL": moto_server}
+
+
+def test_missing_stream(aws_env, tmp_path):
+    line = one_line(run_cli([], {**aws_env, "ORDERS_CDC_STREAM": f"nope-{uuid.uuid4().hex[:6]}"}, tmp_path))
+    assert line.startswith("orders-cdc: stream 'nope-") and "not found at http://127.0.0.1:" in line
+
+
+def test_unreachable_endpoint(aws_env, tmp_path):
+    line = one_line(run_cli([], {**aws_env, "AWS_ENDPOINT_URL_KINESIS": "http://127.0.0.1:9"}, tmp_path))
+    assert line == "orders-cdc: cannot reach Kinesis at http://127.0.0.1:9"
+
+
+def test_misspelt_properties_key(aws_env, tmp_path):
+    props = tmp_path / "bad.properties"
+    props.write_text((ROOT / "app.properties").read_text().replace("dynamoDBEndpoint", "DynamoDBEndpoint"))
+    line = one_line(run_cli(["--properties", str(props)], aws_env, tmp_path))
+    assert "unknown key 'DynamoDBEndpoint' (did you mean 'dynamoDBEndpoint'?)" in line
+
+
+def test_missing_region(tmp_path):
+    line = one_line(run_cli([], {}, tmp_path))
+    assert line == "orders-cdc: AWS_REGION is not set (e.g. AWS_REGION=us-east-1)"
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "orders_cdc.cli", "--help"], cwd=ROOT, capture_output=True, timeout=30)
+    assert out.returncode == 0
+    for command in (b"run", b"decode", b"local"):
+        assert command in out.stdout
