@@ -49,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stream = values.get("streamName") or values["streamArn"].rsplit("/", 1)[-1]
         preflight(settings, stream, values.get("tableName", values["applicationName"]))
     command = daemon.build_command(values, Path(args.run_dir))
-    return daemon.run(command)
+    return daemon.run(command, restart=args.restart)
 
 
 def _with_position(settings, raw: str):
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_", metavar="POSITION",
                      help="start position for new leases: TRIM_HORIZON, LATEST or an ISO-8601 time")
     run.add_argument("--skip-preflight", action="store_true", help="do not check the stream and endpoints first")
+    run.add_argument("--restart", action="store_true",
+                     help="restart the daemon with backoff when it fails (local runs; in ECS the service replaces the task)")
     run.set_defaults(func=_cmd_run)
 
     decode = sub.add_parser("decode", help="show records the way the processor sees them (stdin -> JSON lines)",

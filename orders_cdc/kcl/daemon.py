@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,21 +89,46 @@ def build_command(values: dict[str, str], run_dir: Path, java: str | None = None
     return DaemonCommand(argv, props)
 
 
-def run(command: DaemonCommand, env: dict[str, str] | None = None) -> int:
-    """Run the daemon to its end; SIGTERM/SIGINT to us become one SIGTERM to it."""
-    proc = subprocess.Popen(command.argv, env=env, start_new_session=True, stdout=sys.stderr, stdin=subprocess.DEVNULL)
-    log.info("daemon started", extra={"pid": proc.pid, "properties": str(command.properties_file)})
+def run(command: DaemonCommand, env: dict[str, str] | None = None, restart: bool = False,
+        max_backoff: float = 30.0) -> int:
+    """Run the daemon; SIGTERM/SIGINT to us become one SIGTERM to it.
+
+    When a Python child dies, the MultiLangDaemon shuts every shard down and the JVM exits
+    1. In ECS the task exits and the service replaces it. With restart=True (local runs)
+    we restart it ourselves with backoff; it resumes from the last checkpoints.
+    """
+    stopping = False
+    proc: subprocess.Popen | None = None
 
     def forward(signum, _frame):
-        log.info("stopping daemon", extra={"signal": signal.Signals(signum).name, "pid": proc.pid})
-        if proc.poll() is None:
+        nonlocal stopping
+        stopping = True
+        log.info("stopping daemon", extra={"signal": signal.Signals(signum).name, "pid": proc.pid if proc else None})
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    backoff = 1.0
     try:
-        code = proc.wait()
+        while True:
+            started = time.monotonic()
+            proc = subprocess.Popen(command.argv, env=env, start_new_session=True, stdout=sys.stderr,
+                                    stdin=subprocess.DEVNULL)
+            log.info("daemon started", extra={"pid": proc.pid, "properties": str(command.properties_file)})
+            code = proc.wait()
+            log.info("daemon exited", extra={"code": code, "pid": proc.pid})
+            if stopping or not restart or code == 0:
+                return code
+            if time.monotonic() - started > 5 * max_backoff:
+                backoff = 1.0  # it ran a good while: this is a fresh failure, not a crash loop
+            log.warning("restarting the daemon after a failure (a child died or the JVM exited)",
+                        extra={"code": code, "in_s": backoff})
+            deadline = time.monotonic() + backoff
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if stopping:
+                return code
+            backoff = min(max_backoff, backoff * 2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    log.info("daemon exited", extra={"code": code})
-    return code

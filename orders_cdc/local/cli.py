@@ -20,34 +20,63 @@ def add_commands(sub) -> None:
     demo.add_argument("--rate", type=float, default=2.0, help="table writes per second (default 2)")
     demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
     demo.add_argument("--seed", type=int, default=7)
+    _stack_options(demo)
     demo.set_defaults(func=_cmd_demo)
-    up = cmds.add_parser("up", help="start the stack and create the resources, then return (stop it with `down`)")
+    up = cmds.add_parser("up", help="start the stack, create the resources and run the bridge until Ctrl-C (run the daemon yourself)")
+    _stack_options(up)
     up.set_defaults(func=_cmd_up)
     down = cmds.add_parser("down", help="stop a stack left running by `up` or by a crashed run (by PID, ours only)")
+    _stack_options(down)
     down.set_defaults(func=_cmd_down)
     seed = cmds.add_parser("seed", help="write demo orders into the Orders table of a running stack")
     seed.add_argument("--count", type=int, default=20)
     seed.add_argument("--seed", type=int, default=7)
+    _stack_options(seed)
     seed.set_defaults(func=_cmd_seed)
+
+
+def _stack_options(parser) -> None:
+    parser.add_argument("--state-dir", default=".local", help="logs, pid files and LocalStack state (default .local)")
+    parser.add_argument("--kinesis-port", type=int, default=4566, help="LocalStack (Kinesis) port on 127.0.0.1")
+    parser.add_argument("--moto-port", type=int, default=4567, help="moto server port on 127.0.0.1")
+
+
+def _run_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from orders_cdc.local.runner import LocalRunConfig
+    from orders_cdc.local.stack import LocalStackConfig
+
+    stack = LocalStackConfig(root=Path(args.state_dir).resolve(), moto_port=args.moto_port, localstack_port=args.kinesis_port)
+    return LocalRunConfig(stack=stack)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from orders_cdc.local.runner import LocalRun
 
-    run = LocalRun()
-    run.start_stack()
-    env_file = run.cfg.stack.root / "env"
-    env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(run.env().items())
-                                if k.startswith(("AWS_", "ORDERS_CDC_"))))
-    sys.stderr.write(f"local stack up: {run.stack.endpoints['kinesis']} (Kinesis), {run.stack.endpoints['dynamodb']} (moto)\n"
-                     f"  source {env_file} to use it; `orders-cdc local down` stops it\n")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run = LocalRun(_run_config(args))
+    try:
+        run.start_stack()
+        run.start_bridge()
+        env_file = run.cfg.stack.root / "env"
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(run.env().items())
+                                    if k.startswith(("AWS_", "ORDERS_CDC_"))))
+        sys.stderr.write(f"local stack up: Kinesis {run.stack.endpoints['kinesis']}, moto {run.stack.endpoints['dynamodb']}; "
+                         f"the bridge forwards {run.cfg.names.orders_table} changes.\n"
+                         f"In another shell: source {env_file} && orders-cdc run   (Ctrl-C here stops the stack)\n")
+        stop.wait()
+    finally:
+        run.stop()
     return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from orders_cdc.local.stack import LocalStackConfig, stop_stale
+    from orders_cdc.local.stack import stop_stale
 
-    stopped = stop_stale(LocalStackConfig().root)
+    stopped = stop_stale(_run_config(args).stack.root)
     sys.stderr.write(f"stopped {len(stopped)} process(es): {sorted(stopped)}\n")
     return 0
 
@@ -58,7 +87,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     from orders_cdc.local.orders import OrderDemo
     from orders_cdc.local.runner import LocalRun
 
-    run = LocalRun()
+    run = LocalRun(_run_config(args))
     ddb = run.client("dynamodb")
     demo, ser = OrderDemo(seed=args.seed), TypeSerializer()
     for _ in range(args.count):
@@ -87,7 +116,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    run = LocalRun()
+    run = LocalRun(_run_config(args))
     started = time.monotonic()
     try:
         console.print("[bold]starting the local stack[/] (LocalStack Kinesis + moto; first run installs kinesis-mock)…")

@@ -20,7 +20,7 @@ import boto3
 
 from orders_cdc.local.bridge import StreamBridge
 from orders_cdc.local.resources import ResourceNames, create_resources
-from orders_cdc.local.stack import PROJECT_ROOT, LocalStack, LocalStackConfig
+from orders_cdc.local.stack import MARKER_ENV, PROJECT_ROOT, LocalStack, LocalStackConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class DaemonProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
+        with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=PROJECT_ROOT)
         log.info("daemon started", extra={"pid": self.proc.pid, "log": str(self.log_path)})
@@ -96,6 +96,9 @@ class LocalRun:
             "ORDERS_CDC_APPLICATION": self.cfg.application,
             "ORDERS_CDC_WORKER_ID": self.cfg.worker_id,
             "CBOR_ENABLED": "false",
+            # The stack's marker: `orders-cdc local down` finds (and may stop) the daemon
+            # and its children by it, like the stack's own servers.
+            MARKER_ENV: str(self.stack.root),
         })
         env.update(self.cfg.extra_env)
         env.update(extra)
@@ -122,7 +125,7 @@ class LocalRun:
         """`orders-cdc run`, exactly as the container runs it, with the local environment."""
         env = self.env(**({"ORDERS_CDC_WORKER_ID": worker_id} if worker_id else {}), **extra_env)
         worker = env["ORDERS_CDC_WORKER_ID"]
-        argv = [sys.executable, "-m", "orders_cdc.cli", "run", "--properties", str(self.cfg.properties),
+        argv = [sys.executable, "-m", "orders_cdc.cli", "run", "--restart", "--properties", str(self.cfg.properties),
                 "--run-dir", str(self.cfg.stack.root / "run" / worker)]
         proc = DaemonProcess(argv, env, self.cfg.stack.root / "logs" / f"daemon-{worker}.log")
         proc.start()
