@@ -1,4 +1,7 @@
-"""Analytics: every change becomes one flat NDJSON event in Firehose (-> S3)."""
+"""Analytics: every change becomes one flat NDJSON event in Firehose (-> S3).
+
+The audit handler writes to the same delivery stream; ``record_type`` tells the two apart.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,11 @@ from typing import Any
 
 from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord, EventName
-from orders_cdc.errors import PartialBatchFailure, RetryableError
 from orders_cdc.routing import Route
 from orders_cdc.settings import Resources
+from processors._firehose import put_changes
 
-# PutRecordBatch limits: 500 records and 4 MiB per call.
-_MAX_RECORDS = 500
-_MAX_BYTES = 4 * 1024 * 1024
+RECORD_TYPE = "analytics"
 
 
 def event_type(change: ChangeRecord) -> str:
@@ -46,6 +47,7 @@ def to_event(change: ChangeRecord) -> dict[str, Any]:
     image = change.new_image if change.event is not EventName.REMOVE else change.old_image
     position = change.position
     return {
+        "record_type": RECORD_TYPE,
         "event_type": event_type(change),
         "event_name": change.event.value,
         "table": change.table,
@@ -62,30 +64,7 @@ def to_event(change: ChangeRecord) -> dict[str, Any]:
 
 
 def firehose_copy(changes: Sequence[ChangeRecord], ctx) -> None:
-    stream = ctx.settings.resources.firehose_stream
-    lines = [dumps_exact(to_event(c)) + b"\n" for c in changes]
-    failures: dict[int, BaseException] = {}
-    for start, end in _chunks(lines):
-        reply = ctx.clients.firehose.put_record_batch(
-            DeliveryStreamName=stream, Records=[{"Data": line} for line in lines[start:end]]
-        )
-        if reply.get("FailedPutCount"):
-            for offset, entry in enumerate(reply["RequestResponses"]):
-                if "ErrorCode" in entry:
-                    failures[start + offset] = RetryableError(f"{entry['ErrorCode']}: {entry.get('ErrorMessage')}")
-    if failures:
-        raise PartialBatchFailure(failures)
-
-
-def _chunks(lines: list[bytes]):
-    start, size = 0, 0
-    for i, line in enumerate(lines):
-        if i - start == _MAX_RECORDS or size + len(line) > _MAX_BYTES:
-            yield start, i
-            start, size = i, 0
-        size += len(line)
-    if start < len(lines):
-        yield start, len(lines)
+    put_changes(ctx, changes, lambda c: dumps_exact(to_event(c)) + b"\n")
 
 
 def routes(resources: Resources) -> list[Route]:

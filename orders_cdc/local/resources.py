@@ -80,6 +80,7 @@ def create_resources(
     _table(c.dynamodb, names.product_metrics_table, [("product_id", "S"), ("day", "S")])
     _table(c.dynamodb, names.idempotency_table, [("id", "S")])
     _ttl(c.dynamodb, names.idempotency_table, names.idempotency_ttl_attribute)
+    _ttl(c.dynamodb, names.product_orders_table, "expires_at")  # the view's tombstones
     # create_queue is idempotent when the attributes match.
     queue_urls = {q: c.sqs.create_queue(QueueName=q)["QueueUrl"] for q in (names.dlq, names.refunds_queue)}
     _bucket(c.s3, names.analytics_bucket)

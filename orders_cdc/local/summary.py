@@ -50,6 +50,8 @@ class Summary:
                     if not line.strip():
                         continue
                     event = orjson.loads(line)
+                    if event.get("record_type") != "analytics":
+                        continue  # audit entries share the bucket
                     self._per_shard[event.get("shard_id")] += 1
                     self._types[event.get("event_type")] += 1
                     created = datetime.fromisoformat(event["created_at"].replace("Z", "+00:00"))

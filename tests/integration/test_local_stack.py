@@ -25,6 +25,7 @@ from orders_cdc.local.stack import (
     SECRET_ACCESS_KEY,
     LocalStack,
     LocalStackConfig,
+    StackError,
     _alive,
     exposed_listeners,
     free_port,
@@ -42,7 +43,8 @@ LS_PYTHON = Path(os.environ.get("ORDERS_CDC_LOCALSTACK_PYTHON", LocalStackConfig
 
 def config() -> LocalStackConfig:
     if not LS_PYTHON.is_file():
-        pytest.skip(f"no LocalStack venv at {LS_PYTHON} (the Makefile builds .venv-localstack)")
+        # A failure, not a skip: `make test` builds it first, and a skipped tier would hide a broken install.
+        pytest.fail(f"no LocalStack venv at {LS_PYTHON} (the Makefile builds .venv-localstack)")
     return LocalStackConfig(root=ROOT, moto_port=free_port(), localstack_port=free_port(),
                             localstack_python=LS_PYTHON)
 
@@ -160,3 +162,11 @@ def test_stop_kills_a_hung_localstack_and_its_orphaned_kinesis_mock() -> None:
         stack.stop()
     assert time.monotonic() - t0 < 10
     assert not [p for p in pids if _alive(p)]
+
+
+def test_a_second_stack_on_the_same_root_is_refused_and_leaves_the_first_running(stack: LocalStack) -> None:
+    pids = stack.pids()
+    other = LocalStack(replace(stack.cfg, moto_port=free_port(), localstack_port=free_port()))
+    with pytest.raises(StackError, match="already running"):
+        other.start()
+    assert all(_alive(p) for p in pids)
