@@ -52,6 +52,64 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return daemon.run(command, restart=args.restart)
 
 
+def _context(args: argparse.Namespace):
+    """Settings, the effective daemon properties, and clients for the stream and lease table."""
+    import boto3
+
+    from orders_cdc.kcl import daemon
+
+    settings = settings_module.load()
+    values = daemon.effective_properties(settings, Path(args.properties))
+    session = boto3.session.Session(region_name=settings.region)
+    kinesis = session.client("kinesis", endpoint_url=settings.endpoint("kinesis"))
+    dynamodb = session.client("dynamodb", endpoint_url=settings.endpoint("dynamodb"))
+    stream = values.get("streamName") or values["streamArn"].rsplit("/", 1)[-1]
+    return settings, values, kinesis, dynamodb, stream, values.get("tableName", values["applicationName"])
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import orjson
+
+    from orders_cdc import leases
+
+    _, _, kinesis, dynamodb, stream, table = _context(args)
+    rows = []
+    for lease in leases.read_leases(dynamodb, table):
+        rows.append({"shard": lease.shard_id, "owner": lease.owner, "checkpoint": lease.checkpoint,
+                     "lease_counter": lease.counter, "millis_behind": leases.millis_behind(kinesis, stream, lease)})
+    if args.json:
+        sys.stdout.write("".join(orjson.dumps(r).decode() + "\n" for r in rows))
+    else:
+        sys.stdout.write(f"stream {stream}, lease table {table}\n")
+        for r in rows:
+            behind = "?" if r["millis_behind"] is None else f"{r['millis_behind']} ms behind"
+            sys.stdout.write(f"  {r['shard']}  owner={r['owner'] or '-'}  checkpoint={r['checkpoint'][-12:] or '-'}  {behind}\n")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from orders_cdc import leases
+
+    when = settings_module.parse_position(args.from_, "--from")
+    if not hasattr(when, "timestamp"):
+        raise SettingsError("--from needs a time (ISO-8601 or epoch seconds); for TRIM_HORIZON use a new application name")
+    _, values, kinesis, dynamodb, stream, table = _context(args)
+    leases.check_within_retention(kinesis, stream, when)
+    if not args.force:
+        failover = int(values.get("failoverTimeMillis", "10000")) / 1000
+        log.info("checking that no worker is running", extra={"seconds": failover})
+        live = leases.renewing_workers(dynamodb, table, failover)
+        if live:
+            raise SettingsError(f"workers are running ({', '.join(sorted(set(live.values())))}): stop every worker first")
+    current = leases.read_leases(dynamodb, table)
+    leases.reset_to_timestamp(dynamodb, table, current)
+    sys.stderr.write(f"{len(current)} lease(s) of {table} set to AT_TIMESTAMP.\n"
+                     f"Start the workers with: orders-cdc run --from {when.isoformat()}\n"
+                     f"(or ORDERS_CDC_INITIAL_POSITION={when.isoformat()}). Side effects already done are not "
+                     f"repeated while their idempotency records live; analytics and audit copies are sent again.\n")
+    return 0
+
+
 def _with_position(settings, raw: str):
     from dataclasses import replace
 
@@ -93,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="restart the daemon with backoff when it fails (local runs; in ECS the service replaces the task)")
     run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="leases, owners, checkpoints and lag per shard",
+                            description="Read the KCL lease table and ask Kinesis how far each checkpoint is behind.")
+    status.add_argument("--properties", default="app.properties")
+    status.add_argument("--json", action="store_true", help="one JSON object per shard")
+    status.set_defaults(func=_cmd_status)
+
+    replay = sub.add_parser("replay", help="re-deliver the stream from a time within its retention",
+                            description="With every worker stopped, point all leases at AT_TIMESTAMP; then start the "
+                                        "workers with `orders-cdc run --from TIME`.")
+    replay.add_argument("--from", dest="from_", metavar="TIME", required=True, help="ISO-8601 time or epoch seconds")
+    replay.add_argument("--properties", default="app.properties")
+    replay.add_argument("--force", action="store_true", help="skip the check that no worker is running")
+    replay.set_defaults(func=_cmd_replay)
 
     decode = sub.add_parser("decode", help="show records the way the processor sees them (stdin -> JSON lines)",
                             description="Read KDS-for-DynamoDB documents (JSON or base64) or DynamoDB Streams records, one a line.")

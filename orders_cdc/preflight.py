@@ -40,3 +40,14 @@ def preflight(settings: Settings, stream_name: str, lease_table: str) -> None:
         code = exc.response.get("Error", {}).get("Code")
         if code != "ResourceNotFoundException":  # the daemon creates its lease table
             raise SettingsError(f"DynamoDB at {where} refused DescribeTable: {code}") from None
+        return
+    from datetime import datetime
+
+    from orders_cdc.leases import read_leases
+
+    # After `orders-cdc replay`, the daemon opens AT_TIMESTAMP leases at its configured
+    # timestamp; without one it loops on a NullPointerException.
+    if not isinstance(settings.initial_position, datetime) and any(
+        lease.checkpoint == "AT_TIMESTAMP" for lease in read_leases(dynamodb, lease_table)
+    ):
+        raise SettingsError("leases are set to replay (AT_TIMESTAMP): start with --from TIME (the replay time)")
