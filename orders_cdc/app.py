@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass
 from functools import cached_property
 
 import boto3
 from botocore.config import Config
 
+from orders_cdc.breaker import BreakerPolicy
 from orders_cdc.checkpointing import CheckpointPolicy
 from orders_cdc.consumer import ChangeProcessor
 from orders_cdc.deadletter import SqsDeadLetterSink
+from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
+from orders_cdc.ordering import DynamoDbHighWaterMarkStore
 from orders_cdc.pipeline import Pipeline
 from orders_cdc.retry import RetryPolicy
 from orders_cdc.routing import Router
@@ -68,11 +72,15 @@ class Context:
     clients: Clients
 
 
+# How each route's reactions are kept to one per change, for the routes that do not say so
+# themselves (a Route left at the defaults). Every other route keeps the default: a lock
+# per change (emails, refunds, inventory movements: one downstream call per change anyway).
 def build_processor(settings: Settings, clients: Clients | None = None) -> ChangeProcessor:
     from processors import all_routes
 
     clients = clients or Clients(settings)
     ctx = Context(settings, clients)
+    table = settings.resources.idempotency_table
     pipeline = Pipeline(
         router=Router(all_routes(settings.resources)),
         ctx=ctx,
@@ -83,6 +91,12 @@ def build_processor(settings: Settings, clients: Clients | None = None) -> Chang
             max_seconds=settings.retry_max_seconds,
             max_record_age_seconds=settings.max_record_age_seconds,
         ),
+        idempotency=DynamoDbIdempotencyStore(clients.dynamodb, table, ttl_seconds=settings.idempotency_ttl_seconds,
+                                             lock_seconds=settings.idempotency_lock_seconds),
+        high_water_marks=DynamoDbHighWaterMarkStore(clients.dynamodb, table, ttl_seconds=settings.idempotency_ttl_seconds),
+        breaker=BreakerPolicy(settings.breaker_threshold, settings.breaker_open_seconds, settings.breaker_max_open_seconds),
+        handler_timeout_seconds=settings.handler_timeout_seconds,
+        batch_deadline_seconds=settings.batch_deadline_seconds,
     )
     return ChangeProcessor(
         pipeline,

@@ -1,7 +1,7 @@
 """Checkpoint policy: where it is safe to checkpoint, and when it is due.
 
-Safe = the last record before which every record is settled (done, skipped, or durably
-dead-lettered). Due = after N settled records or T seconds, whichever first. The
+Safe = the last record before which every record is settled (done, skipped, a known
+duplicate, stale, or durably dead-lettered). Due = after N settled records or T seconds, whichever first. The
 position only moves forward.
 """
 
@@ -18,7 +18,7 @@ from orders_cdc.pipeline import Outcome, RecordResult
 
 log = logging.getLogger(__name__)
 
-SETTLED = frozenset({Outcome.DONE, Outcome.SKIPPED, Outcome.DEAD_LETTERED})
+SETTLED = frozenset({Outcome.DONE, Outcome.SKIPPED, Outcome.DUPLICATE, Outcome.STALE, Outcome.DEAD_LETTERED})
 
 
 def extended(sequence_number: str, sub_sequence_number: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from orders_cdc.checkpointing import CheckpointPolicy
 from orders_cdc.kcl.protocol import Checkpointer, CheckpointError, KclError, RecordProcessor
 from orders_cdc.metrics import emf
-from orders_cdc.pipeline import Pipeline
+from orders_cdc.pipeline import Outcome, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,14 @@ class ChangeProcessor(RecordProcessor):
             results = self._pipeline.process(records, self.shard_id)
             self.policy.observe(results)
             counts = Counter(r.outcome.value for r in results)
-            self.totals.update(counts)
+            # Per route: a record can be DONE for one route and a duplicate for another.
+            reactions = Counter(f"{o.value}_reactions" for r in results for _, o in r.routes
+                                if o in (Outcome.DUPLICATE, Outcome.STALE))
+            self.totals.update(counts + reactions)
             if self._metrics:
                 emf(
-                    {"Records": len(records), **{k.title().replace("_", ""): v for k, v in counts.items()},
+                    {"Records": len(records),
+                     **{k.title().replace("_", ""): v for k, v in (counts + reactions).items()},
                      "BatchSeconds": time.perf_counter() - started, "MillisBehindLatest": millis_behind_latest or 0},
                     {"Shard": self.shard_id},
                     units={"BatchSeconds": "Seconds", "MillisBehindLatest": "Milliseconds"},

@@ -4,10 +4,12 @@ checkpoint may then move past them."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import orjson
+
+_MAX_REASON = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +24,17 @@ class DeadLetter:
     failed_routes: tuple[str, ...] = ()
     dead_lettered_at: str = ""
 
-    def to_json(self) -> bytes:
+    @property
+    def position(self) -> tuple[str, str, int]:
+        return self.shard_id, self.sequence_number, self.sub_sequence_number
+
+    def to_json(self, without_data: bool = False) -> bytes:
+        """`without_data`: the record's `data` is left out (`record_truncated`: true); the
+        shard and sequence number still find it in the stream while it is retained."""
+        record = {k: v for k, v in self.record.items() if k != "data"} if without_data else self.record
         return orjson.dumps(
             {
-                "reason": self.reason,
+                "reason": self.reason[:_MAX_REASON],
                 "error_type": self.error_type,
                 "attempts": self.attempts,
                 "shard_id": self.shard_id,
@@ -33,7 +42,8 @@ class DeadLetter:
                 "sub_sequence_number": self.sub_sequence_number,
                 "failed_routes": list(self.failed_routes),
                 "dead_lettered_at": self.dead_lettered_at,
-                "record": self.record,
+                "record": record,
+                **({"record_truncated": True} if without_data else {}),
             }
         )
 
@@ -53,20 +63,59 @@ class InMemoryDeadLetterSink(DeadLetterSink):
 
 
 class SqsDeadLetterSink(DeadLetterSink):
-    """SQS, in batches of 10 (the SendMessageBatch limit). Failed entries are retried by
-    the caller; a partial failure raises so nothing is assumed durable that is not."""
+    """SQS SendMessageBatch: at most 10 entries and `max_bytes` (256 KiB, SQS's classic
+    limit) per call. A record too big for one message (a Kinesis record may be 1 MB) is
+    sent without its data rather than block the shard forever.
 
-    def __init__(self, sqs_client, queue_url: str):
+    Entries SQS refuses are resent alone; letters already delivered are not resent when
+    the pipeline retries `send` after a failure (fewer duplicates in the queue, though a
+    reader must still tolerate them: delivery to SQS is at-least-once).
+    """
+
+    def __init__(self, sqs_client, queue_url: str, max_bytes: int = 256 * 1024, attempts: int = 3):
         self._sqs = sqs_client
         self._queue_url = queue_url
+        self._max_bytes = max_bytes
+        self._attempts = attempts
+        self._delivered: set[tuple[str, str, int]] = set()
 
     def send(self, letters: Sequence[DeadLetter]) -> None:
-        for start in range(0, len(letters), 10):
-            chunk = letters[start : start + 10]
+        pending = [(letter, self._body(letter)) for letter in letters if letter.position not in self._delivered]
+        for chunk in self._chunks(pending):
+            self._send_chunk(chunk)
+        self._delivered.clear()  # everything asked for is durable
+
+    def _body(self, letter: DeadLetter) -> str:
+        body = letter.to_json().decode()
+        if len(body.encode()) > self._max_bytes:
+            body = letter.to_json(without_data=True).decode()
+        return body
+
+    def _chunks(self, pending: list[tuple[DeadLetter, str]]) -> Iterator[list[tuple[DeadLetter, str]]]:
+        chunk: list[tuple[DeadLetter, str]] = []
+        size = 0
+        for entry in pending:
+            n = len(entry[1].encode())
+            if chunk and (len(chunk) == 10 or size + n > self._max_bytes):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += n
+        if chunk:
+            yield chunk
+
+    def _send_chunk(self, chunk: list[tuple[DeadLetter, str]]) -> None:
+        for _ in range(self._attempts):
             reply = self._sqs.send_message_batch(
                 QueueUrl=self._queue_url,
-                Entries=[{"Id": str(i), "MessageBody": letter.to_json().decode()} for i, letter in enumerate(chunk)],
+                Entries=[{"Id": str(i), "MessageBody": body} for i, (_, body) in enumerate(chunk)],
             )
-            if reply.get("Failed"):
-                failed = reply["Failed"][0]
-                raise RuntimeError(f"dead-letter queue refused {len(reply['Failed'])} message(s): {failed.get('Message')}")
+            failed = {int(f["Id"]): f for f in reply.get("Failed", [])}
+            self._delivered.update(letter.position for i, (letter, _) in enumerate(chunk) if i not in failed)
+            if not failed:
+                return
+            first = next(iter(failed.values()))
+            if any(f.get("SenderFault") for f in failed.values()):
+                break  # our request is wrong: resending it cannot help
+            chunk = [chunk[i] for i in sorted(failed)]
+        raise RuntimeError(f"dead-letter queue refused {len(failed)} message(s): {first.get('Code')}: {first.get('Message')}")

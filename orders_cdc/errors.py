@@ -29,6 +29,21 @@ class PermanentError(Exception):
     """Retrying cannot help (bad data, a validation error): dead-letter the record now."""
 
 
+class DeferredError(RetryableError):
+    """Not a failure: the work is held elsewhere (another worker's idempotency lock, an
+    open circuit). Try again at `until` (epoch seconds; None: after a backoff) without
+    spending one of the record's attempts."""
+
+    def __init__(self, message: str, until: float | None = None):
+        super().__init__(message)
+        self.until = until
+
+
+class HandlerTimeout(RetryableError):
+    """A handler call outlived its deadline. Retryable, but whether its side effects
+    happened is unknown: the abandoned call may still finish (at-least-once)."""
+
+
 class PartialBatchFailure(Exception):
     """Raised by a batch handler when only some of its changes failed.
 
@@ -68,6 +83,25 @@ _RETRYABLE_CODES = frozenset(
 )
 
 
+def _client_error_is_transient(exc: ClientError) -> bool:
+    err = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return err.get("Code") in _RETRYABLE_CODES or status >= 500 or status == 429
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for the failures an outage produces (throttling, 5xx, connection errors,
+    timeouts, RetryableError): evidence about the downstream, not about the record. The
+    circuit breaker holds such a record instead of dead-lettering it while the downstream
+    has not shown that it works. An unknown exception is retryable but not transient:
+    it may be a bug this record triggers."""
+    if isinstance(exc, RetryableError):
+        return True
+    if isinstance(exc, ClientError):
+        return _client_error_is_transient(exc)
+    return isinstance(exc, (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError, TimeoutError, ConnectionError))
+
+
 def is_retryable(exc: BaseException) -> bool:
     """True when retrying may succeed. Unknown exceptions count as retryable: the
     attempt bound still sends a persistent bug to the dead-letter queue."""
@@ -76,9 +110,7 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, PermanentError):
         return False
     if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return err.get("Code") in _RETRYABLE_CODES or status >= 500 or status == 429
+        return _client_error_is_transient(exc)
     if isinstance(exc, (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError, TimeoutError, OSError)):
         return True
     from orders_cdc.change import DecodeError  # local import: keeps errors.py importable from anywhere

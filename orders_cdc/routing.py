@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from orders_cdc.change import ChangeRecord, EventName
@@ -29,6 +30,14 @@ ALL_EVENTS = frozenset(EventName)
 _MISSING = object()
 
 
+class Idempotency(StrEnum):
+    """How a route's reactions are kept to one per change (see pipeline.py for the cost)."""
+
+    PER_CHANGE = "per_change"  # a lock per change before the handler: emails, refunds, movements
+    PER_BATCH = "per_batch"  # done-markers after the handler: batch aggregates (a crash between = redo)
+    OFF = "off"  # at-least-once: copies that downstream dedups, or self-guarding writes
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -36,6 +45,14 @@ class Route:
     handler: Handler
     events: frozenset[EventName] = ALL_EVENTS
     when: Predicate | None = None
+    idempotency: Idempotency = Idempotency.PER_CHANGE
+    # Derived state: skip a change unless it is newer than the item's high-water mark
+    # (STALE/DUPLICATE), and never give the handler two changes of one item in one call.
+    ordered: bool = False
+
+    @property
+    def idempotent(self) -> bool:
+        return self.idempotency is not Idempotency.OFF
 
     def matches(self, change: ChangeRecord) -> bool:
         return (

@@ -52,6 +52,20 @@ class Settings:
     retry_base_seconds: float = 0.2
     retry_max_seconds: float = 5.0
     max_record_age_seconds: float = 0.0  # 0 = no age limit
+    # Idempotency records (table resources.idempotency_table): kept this long after a
+    # reaction (DynamoDB TTL on expires_at); longer than the stream's retention, so a
+    # replay is still recognised.
+    idempotency_ttl_seconds: int = 7 * 24 * 3600
+    # An INPROGRESS lock's lease: after a crash the change waits this long. Must exceed
+    # the handler timeout, or a slow reaction could lose its lock to a second worker.
+    idempotency_lock_seconds: float = 90.0
+    handler_timeout_seconds: float = 60.0  # one handler call; a hung call is a retryable failure
+    # One processRecords call at most this long (daemon timeoutInSeconds: 300), else the
+    # child exits unacknowledged and the shard restarts from its checkpoint.
+    batch_deadline_seconds: float = 240.0
+    breaker_threshold: int = 5  # distinct records failing in a row that open a route's circuit
+    breaker_open_seconds: float = 1.0  # first open period; doubles per failed probe
+    breaker_max_open_seconds: float = 30.0
 
     def endpoint(self, service: str) -> str | None:
         return self.endpoints.get(service) or self.endpoints.get("")
@@ -164,4 +178,23 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         retry_base_seconds=_float(env, "RETRY_BASE_SECONDS", 0.2),
         retry_max_seconds=_float(env, "RETRY_MAX_SECONDS", 5.0),
         max_record_age_seconds=_float(env, "MAX_RECORD_AGE_SECONDS", 0.0),
+        **_reliability(env),
     )
+
+
+def _reliability(env: Mapping[str, str]) -> dict[str, float | int]:
+    values = {
+        "idempotency_ttl_seconds": _int(env, "IDEMPOTENCY_TTL_SECONDS", 7 * 24 * 3600, minimum=60),
+        "idempotency_lock_seconds": _float(env, "IDEMPOTENCY_LOCK_SECONDS", 90.0, minimum=1.0),
+        "handler_timeout_seconds": _float(env, "HANDLER_TIMEOUT_SECONDS", 60.0, minimum=0.1),
+        "batch_deadline_seconds": _float(env, "BATCH_DEADLINE_SECONDS", 240.0, minimum=1.0),
+        "breaker_threshold": _int(env, "BREAKER_THRESHOLD", 5, minimum=1),
+        "breaker_open_seconds": _float(env, "BREAKER_OPEN_SECONDS", 1.0, minimum=0.01),
+        "breaker_max_open_seconds": _float(env, "BREAKER_MAX_OPEN_SECONDS", 30.0, minimum=0.01),
+    }
+    if values["idempotency_lock_seconds"] <= values["handler_timeout_seconds"]:
+        raise SettingsError(
+            f"{PREFIX}IDEMPOTENCY_LOCK_SECONDS={values['idempotency_lock_seconds']:g} must exceed"
+            f" {PREFIX}HANDLER_TIMEOUT_SECONDS={values['handler_timeout_seconds']:g}"
+        )
+    return values

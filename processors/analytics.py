@@ -11,7 +11,7 @@ from typing import Any
 
 from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord, EventName
-from orders_cdc.routing import Route
+from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors._firehose import put_changes
 
@@ -68,4 +68,5 @@ def firehose_copy(changes: Sequence[ChangeRecord], ctx) -> None:
 
 
 def routes(resources: Resources) -> list[Route]:
-    return [Route("analytics.firehose_copy", resources.orders_table, firehose_copy)]
+    # A copy for analytics: at-least-once; readers dedup by (keys, created_at, event_name).
+    return [Route("analytics.firehose_copy", resources.orders_table, firehose_copy, idempotency=Idempotency.OFF)]

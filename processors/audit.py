@@ -17,7 +17,7 @@ from typing import Any
 
 from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord
-from orders_cdc.routing import Route
+from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors._firehose import MAX_RECORD_BYTES, put_changes
 
@@ -75,4 +75,5 @@ def firehose_audit(changes: Sequence[ChangeRecord], ctx) -> None:
 
 
 def routes(resources: Resources) -> list[Route]:
-    return [Route("audit.firehose_audit", resources.orders_table, firehose_audit)]
+    # At-least-once: entries carry event_id, and a compliance reader drops repeats.
+    return [Route("audit.firehose_audit", resources.orders_table, firehose_audit, idempotency=Idempotency.OFF)]

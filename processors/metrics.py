@@ -36,7 +36,7 @@ from decimal import Decimal
 from typing import Any
 
 from orders_cdc.change import ChangeRecord
-from orders_cdc.routing import Route
+from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
 from processors._batch import each, raise_failures
@@ -113,4 +113,6 @@ def not_ttl_delete(change: ChangeRecord) -> bool:
 
 
 def routes(resources: Resources) -> list[Route]:
-    return [Route("metrics.aggregates", resources.orders_table, aggregate, when=not_ttl_delete)]
+    # One transaction of ADDs per batch: done-markers after it, not a lock per change.
+    return [Route("metrics.aggregates", resources.orders_table, aggregate, when=not_ttl_delete,
+                  idempotency=Idempotency.PER_BATCH)]

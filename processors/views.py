@@ -39,7 +39,7 @@ from botocore.exceptions import ClientError
 
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.errors import RetryableError
-from orders_cdc.routing import Route
+from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
 from processors._batch import raise_failures
@@ -155,4 +155,5 @@ def product_orders(changes: Sequence[ChangeRecord], ctx) -> None:
 
 
 def routes(resources: Resources) -> list[Route]:
-    return [Route("views.product_orders", resources.orders_table, product_orders)]
+    # Conditional writes with a per-row version: a redelivery is stale against its own rows.
+    return [Route("views.product_orders", resources.orders_table, product_orders, idempotency=Idempotency.OFF)]

@@ -5,7 +5,7 @@ import pytest
 from orders_cdc.deadletter import DeadLetterSink, InMemoryDeadLetterSink
 from orders_cdc.errors import FatalProcessingError, PartialBatchFailure, PermanentError, RetryableError
 from orders_cdc.pipeline import Outcome, Pipeline
-from orders_cdc.retry import RetryPolicy
+from orders_cdc.retry import RetryPolicy, run_inline
 from orders_cdc.routing import Route, Router
 from tests.factories import kcl_record, kds_record, sequence_number
 
@@ -35,14 +35,32 @@ class FailingDeadLetters(DeadLetterSink):
         raise RetryableError("SQS down")
 
 
-def pipeline(routes, dlq=None, attempts=3, clock=None):
+class FakeClock:
+    """Epoch seconds that move only when the pipeline sleeps."""
+
+    def __init__(self, now=1_900_000_000.0):
+        self.now = now
+        self.slept = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def pipeline(routes, dlq=None, attempts=3, clock=None, **kw):
+    clock = clock or FakeClock()
     return Pipeline(
         router=Router(routes),
         ctx=None,
         dead_letters=dlq if dlq is not None else InMemoryDeadLetterSink(),
         retry=RetryPolicy(max_attempts=attempts, base_seconds=0.0, max_seconds=0.0),
-        sleep=lambda s: None,
-        **({"clock": clock} if clock else {}),
+        sleep=clock.sleep,
+        clock=clock,
+        runner=run_inline,
+        **kw,
     )
 
 
@@ -118,17 +136,35 @@ def test_permanent_error_is_dead_lettered_at_once():
 
 
 def test_retries_are_bounded_then_dead_lettered():
+    """Changed with the circuit breaker: a record is dead-lettered for a retryable error
+    once the route has shown it works without it (here: o-2 succeeds)."""
     tries = []
 
-    def down(changes, ctx):
-        tries.append(1)
-        raise RetryableError("still down")
+    def bad_o1(changes, ctx):
+        tries.append([c.keys["order_id"] for c in changes])
+        failures = {j: RetryableError("still failing") for j, c in enumerate(changes) if c.keys["order_id"] == "o-1"}
+        if failures:
+            raise PartialBatchFailure(failures)
 
     dlq = InMemoryDeadLetterSink()
-    results = pipeline([Route("down", "Orders", down)], dlq, attempts=3).process(batch(order("o-1", "x", event="INSERT")), "s")
-    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
-    assert len(tries) == 3
+    records = batch(order("o-1", "x", event="INSERT"), order("o-2", "x", event="INSERT"))
+    results = pipeline([Route("down", "Orders", bad_o1)], dlq, attempts=3).process(records, "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE]
+    assert tries == [["o-1", "o-2"], ["o-1"], ["o-1"]]
     assert dlq.letters[0].attempts == 3
+
+
+def test_unknown_errors_are_bounded_even_on_a_route_that_never_worked():
+    tries = []
+
+    def buggy(changes, ctx):
+        tries.append(1)
+        raise KeyError("total")  # a bug this record triggers, not an outage
+
+    dlq = InMemoryDeadLetterSink()
+    results = pipeline([Route("buggy", "Orders", buggy)], dlq, attempts=3).process(batch(order("o-1", "x", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
+    assert len(tries) == 3 and dlq.letters[0].attempts == 3 and dlq.letters[0].error_type == "KeyError"
 
 
 def test_records_older_than_max_age_are_not_retried():
@@ -140,7 +176,7 @@ def test_records_older_than_max_age_are_not_retried():
 
     p = Pipeline(router=Router([Route("down", "Orders", down)]), ctx=None, dead_letters=InMemoryDeadLetterSink(),
                  retry=RetryPolicy(max_attempts=10, base_seconds=0, max_seconds=0, max_record_age_seconds=60),
-                 sleep=lambda s: None)  # the factory's records were created in 2024
+                 sleep=lambda s: None, runner=run_inline)  # the factory's records were created in 2024
     results = p.process(batch(order("o-1", "x", event="INSERT")), "s")
     assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
     assert tries == [1]

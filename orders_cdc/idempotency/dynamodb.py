@@ -1,0 +1,147 @@
+"""The idempotency store in DynamoDB (table key `id` S, TTL on `expires_at`).
+
+- The lock is one conditional PutItem; `ReturnValuesOnConditionCheckFailure=ALL_OLD`
+  returns the record in the way, which saves a second read.
+- Reads are BatchGetItem, 100 keys a call, strongly consistent.
+- COMPLETED markers and lock releases are BatchWriteItem, 25 a call.
+- ClientError codes become domain exceptions here, where AWS is called.
+
+The batch helpers are shared with the high-water-mark store (same table).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from orders_cdc.errors import is_retryable
+from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore, Status
+from orders_cdc.idempotency.exceptions import IdempotencyStoreConfigError, IdempotencyStoreUnavailableError
+
+MAX_GET = 100  # BatchGetItem
+MAX_WRITE = 25  # BatchWriteItem
+_UNPROCESSED_ATTEMPTS = 5
+# Nothing about one record can fix these: the table, the credentials or our request is wrong.
+_CONFIG_CODES = frozenset({
+    "ResourceNotFoundException", "AccessDeniedException", "UnrecognizedClientException",
+    "ValidationException", "InvalidSignatureException", "MissingAuthenticationTokenException",
+})
+_FREE = (
+    "attribute_not_exists(#id) OR expires_at < :now"
+    " OR (#status = :inprogress AND (lock_until <= :now OR #owner = :owner))"
+)
+
+
+def mapped(exc: ClientError, what: str) -> Exception:
+    code = exc.response.get("Error", {}).get("Code", "")
+    if code in _CONFIG_CODES:
+        return IdempotencyStoreConfigError(f"{what}: {code}: {exc}")
+    if is_retryable(exc):
+        return IdempotencyStoreUnavailableError(f"{what}: {code}")
+    return IdempotencyStoreUnavailableError(f"{what}: unexpected {code}: {exc}")
+
+
+def batch_get(ddb, table: str, ids: Sequence[str], sleep: Callable[[float], None]) -> dict[str, dict[str, Any]]:
+    """{id: raw item} for the ids that exist; one call per 100 ids (plus unprocessed retries)."""
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), MAX_GET):
+        request = {table: {"Keys": [{"id": {"S": i}} for i in ids[start : start + MAX_GET]], "ConsistentRead": True}}
+        for attempt in range(_UNPROCESSED_ATTEMPTS):
+            try:
+                reply = ddb.batch_get_item(RequestItems=request)
+            except ClientError as exc:
+                raise mapped(exc, "BatchGetItem") from exc
+            for item in reply.get("Responses", {}).get(table, []):
+                found[item["id"]["S"]] = item
+            request = reply.get("UnprocessedKeys") or {}
+            if not request:
+                break
+            sleep(0.05 * 2**attempt)
+        else:
+            raise IdempotencyStoreUnavailableError("BatchGetItem: keys still unprocessed")
+    return found
+
+
+def batch_write(ddb, table: str, requests: Sequence[dict[str, Any]], sleep: Callable[[float], None]) -> None:
+    """Every PutRequest/DeleteRequest durable, or raise; 25 per call."""
+    for start in range(0, len(requests), MAX_WRITE):
+        pending: list[dict[str, Any]] = list(requests[start : start + MAX_WRITE])
+        for attempt in range(_UNPROCESSED_ATTEMPTS):
+            try:
+                reply = ddb.batch_write_item(RequestItems={table: pending})
+            except ClientError as exc:
+                raise mapped(exc, "BatchWriteItem") from exc
+            pending = reply.get("UnprocessedItems", {}).get(table, [])
+            if not pending:
+                break
+            sleep(0.05 * 2**attempt)
+        else:
+            raise IdempotencyStoreUnavailableError(f"BatchWriteItem: {len(pending)} item(s) still unprocessed")
+
+
+class DynamoDbIdempotencyStore(IdempotencyStore):
+    def __init__(self, ddb, table: str, sleep: Callable[[float], None] = time.sleep, **kwargs):
+        super().__init__(**kwargs)
+        self._ddb = ddb
+        self.table = table
+        self._sleep = sleep
+
+    def _get_many(self, keys: Sequence[str]) -> Mapping[str, IdempotencyRecord]:
+        return {k: _record(item) for k, item in batch_get(self._ddb, self.table, keys, self._sleep).items()}
+
+    def _put_if_free(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        try:
+            self._ddb.put_item(
+                TableName=self.table,
+                Item=_item(record),
+                ConditionExpression=_FREE,
+                ExpressionAttributeNames={"#id": "id", "#status": "status", "#owner": "owner"},
+                ExpressionAttributeValues={
+                    ":now": {"N": repr(now)}, ":inprogress": {"S": Status.INPROGRESS.value}, ":owner": {"S": record.owner},
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise mapped(exc, "PutItem") from exc
+            item = exc.response.get("Item") or self._get_one(record.key)
+            # Deleted in between: report it as a lock that is free now (try again at once).
+            return _record(item) if item else IdempotencyRecord(record.key, Status.INPROGRESS, 0, now, "")
+        return None
+
+    def _get_one(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self._ddb.get_item(TableName=self.table, Key={"id": {"S": key}}, ConsistentRead=True).get("Item")
+        except ClientError as exc:
+            raise mapped(exc, "GetItem") from exc
+
+    def _put_many(self, records: Sequence[IdempotencyRecord]) -> None:
+        batch_write(self._ddb, self.table, [{"PutRequest": {"Item": _item(r)}} for r in records], self._sleep)
+
+    def _delete_many(self, keys: Sequence[str]) -> None:
+        batch_write(self._ddb, self.table, [{"DeleteRequest": {"Key": {"id": {"S": k}}}} for k in keys], self._sleep)
+
+
+def _item(record: IdempotencyRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": {"S": record.key},
+        "status": {"S": record.status.value},
+        "expires_at": {"N": str(record.expires_at)},
+    }
+    if record.status is Status.INPROGRESS:
+        item["lock_until"] = {"N": repr(record.lock_until)}
+        item["owner"] = {"S": record.owner}
+    return item
+
+
+def _record(item: Mapping[str, Any]) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=item["id"]["S"],
+        status=Status(item["status"]["S"]),
+        expires_at=int(item["expires_at"]["N"]),
+        lock_until=float(item.get("lock_until", {}).get("N", 0)),
+        owner=item.get("owner", {}).get("S", ""),
+    )

@@ -1,0 +1,42 @@
+"""An in-memory idempotency store for tests: the same lifecycle, a dict behind it."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore
+
+
+class InMemoryIdempotencyStore(IdempotencyStore):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.records: dict[str, IdempotencyRecord] = {}
+        self.calls: Counter[str] = Counter()  # backend method -> calls, to check batching
+        self._lock = threading.Lock()  # handlers run in worker threads
+
+    def _get_many(self, keys: Sequence[str]) -> Mapping[str, IdempotencyRecord]:
+        self.calls["get_many"] += 1
+        with self._lock:
+            return {k: self.records[k] for k in keys if k in self.records}
+
+    def _put_if_free(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        self.calls["put_if_free"] += 1
+        with self._lock:
+            existing = self.records.get(record.key)
+            if existing is not None and not existing.free_for(record.owner, now):
+                return existing
+            self.records[record.key] = record
+            return None
+
+    def _put_many(self, records: Sequence[IdempotencyRecord]) -> None:
+        self.calls["put_many"] += 1
+        with self._lock:
+            self.records.update({r.key: r for r in records})
+
+    def _delete_many(self, keys: Sequence[str]) -> None:
+        self.calls["delete_many"] += 1
+        with self._lock:
+            for key in keys:
+                self.records.pop(key, None)

@@ -1,0 +1,324 @@
+"""Failure isolation: the circuit breaker, outages vs bad records, the batch deadline and
+the handler-call deadline. Time is a fake clock that moves only when the pipeline sleeps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from orders_cdc.breaker import BreakerPolicy, CircuitBreaker, State
+from orders_cdc.deadletter import InMemoryDeadLetterSink
+from orders_cdc.errors import FatalProcessingError, HandlerTimeout, PartialBatchFailure, SettingsError
+from orders_cdc.idempotency.memory import InMemoryIdempotencyStore
+from orders_cdc.pipeline import Outcome, Pipeline
+from orders_cdc.retry import RetryPolicy, ThreadRunner, run_inline
+from orders_cdc.routing import Route, Router
+from orders_cdc.settings import load
+from tests.factories import kcl_record, kds_record, sequence_number
+from tests.unit.test_pipeline import FakeClock
+
+
+def test_distinct_records_failing_in_a_row_open_the_circuit():
+    clock = FakeClock()
+    b = CircuitBreaker("email", BreakerPolicy(threshold=3, open_seconds=1, max_open_seconds=4), clock)
+    b.record(0, ["r1", "r2"])
+    b.record(0, ["r1", "r2"])
+    assert b.state is State.CLOSED, "the same records again are not evidence of an outage"
+    b.record(0, ["r3"])
+    assert b.state is State.OPEN and b.allowance() == 0 and b.ready_at == clock.now + 1
+
+
+def test_a_success_resets_the_streak():
+    b = CircuitBreaker("email", BreakerPolicy(threshold=3), FakeClock())
+    b.record(0, ["r1", "r2"])
+    b.record(1, [])
+    b.record(0, ["r3", "r4"])
+    assert b.state is State.CLOSED
+
+
+def test_half_open_probes_once_and_backs_off_exponentially_up_to_the_maximum():
+    clock = FakeClock()
+    b = CircuitBreaker("email", BreakerPolicy(threshold=1, open_seconds=1, max_open_seconds=4), clock)
+    b.record(0, ["r1"])
+    waits = []
+    for _ in range(4):
+        waits.append(b.ready_at - clock.now)
+        clock.sleep(b.ready_at - clock.now)
+        assert b.allowance() == 1 and b.state is State.HALF_OPEN
+        b.record(0, ["r1"])  # the probe fails
+    assert waits == [1, 2, 4, 4]
+    clock.sleep(4)
+    assert b.allowance() == 1
+    b.record(1, [])
+    assert b.state is State.CLOSED and b.allowance() is None
+    b.record(0, ["r9"])
+    assert b.ready_at - clock.now == 1, "closing resets the backoff"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outages through the pipeline
+
+
+def shipped(n):
+    order_id = f"o-{n}"
+    return kds_record("MODIFY", new={"order_id": order_id, "status": "shipped"},
+                      old={"order_id": order_id, "status": "processing"}, keys={"order_id": order_id})
+
+
+def records(count, start=1):
+    return [kcl_record(shipped(n), sequence_number(n)) for n in range(start, start + count)]
+
+
+class FlakySes:
+    """SendEmail per change; down (5xx or connection refused) until `down_until`."""
+
+    def __init__(self, clock, down_until, error="5xx", bad=()):
+        self.clock, self.down_until, self.error, self.bad = clock, down_until, error, set(bad)
+        self.sent: list[str] = []
+        self.calls = 0
+
+    def __call__(self, changes, ctx):
+        failures = {}
+        for j, c in enumerate(changes):
+            self.calls += 1
+            order_id = c.keys["order_id"]
+            if self.clock() < self.down_until:
+                failures[j] = (ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "down"},
+                                            "ResponseMetadata": {"HTTPStatusCode": 503}}, "SendEmail")
+                               if self.error == "5xx" else EndpointConnectionError(endpoint_url="https://email"))
+            elif order_id in self.bad:
+                failures[j] = KeyError("customer_email")  # a bug this record triggers
+            else:
+                self.sent.append(order_id)
+        if failures:
+            raise PartialBatchFailure(failures)
+
+
+def email_pipeline(ses, clock, dlq, **kw):
+    return Pipeline(router=Router([Route("email", "Orders", ses)]), ctx=None, dead_letters=dlq,
+                    retry=RetryPolicy(max_attempts=5, base_seconds=0.2, max_seconds=5.0),
+                    sleep=clock.sleep, clock=clock, runner=run_inline,
+                    idempotency=InMemoryIdempotencyStore(lock_seconds=90), **kw)
+
+
+@pytest.mark.parametrize("error", ["5xx", "connection"])
+@pytest.mark.parametrize("count", [1, 3, 40])
+def test_a_30_second_email_outage_dead_letters_nothing_and_sends_each_email_once(count, error):
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    ses = FlakySes(clock, down_until=clock.now + 30, error=error)
+    results = email_pipeline(ses, clock, dlq).process(records(count), "s")
+    assert {r.outcome for r in results} == {Outcome.DONE}
+    assert dlq.letters == []
+    assert sorted(ses.sent) == sorted(f"o-{n}" for n in range(1, count + 1)), "each email exactly once"
+    assert 30 <= clock.now - 1_900_000_000 < 70, "recovered soon after the outage, well inside the deadline"
+    # Before the circuit opens: one call's worth (<= 25 changes) when >= 5 records fail,
+    # else each of the few records spends its 5 attempts. Then single probes, then the rest.
+    before_open = min(count, 25) if count >= 5 else 5 * count
+    assert ses.calls <= before_open + 6 + count, "probing, not hammering the downstream"
+
+
+def test_an_outage_spanning_batches_keeps_the_circuit_open_into_the_next_batch():
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    ses = FlakySes(clock, down_until=clock.now + 30)
+    p = email_pipeline(ses, clock, dlq, batch_deadline_seconds=20)
+    with pytest.raises(FatalProcessingError, match="unsettled after 20s"):
+        p.process(records(10), "s")
+    assert dlq.letters == [] and ses.sent == []
+    assert p.breaker_for(Route("email", "Orders", ses)).state is State.OPEN
+    results = p.process(records(10), "s")  # the daemon redelivers from the checkpoint
+    assert {r.outcome for r in results} == {Outcome.DONE} and len(ses.sent) == 10 and not dlq.letters
+
+
+def test_a_bad_record_among_good_ones_is_dead_lettered_and_the_circuit_stays_closed():
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    ses = FlakySes(clock, down_until=0, bad={"o-2"})
+    p = email_pipeline(ses, clock, dlq)
+    results = p.process(records(4), "s")
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.DEAD_LETTERED, Outcome.DONE, Outcome.DONE]
+    assert dlq.letters[0].attempts == 5 and dlq.letters[0].error_type == "KeyError"
+    assert p.breaker_for(Route("email", "Orders", ses)).state is State.CLOSED
+
+
+def test_a_transient_failure_of_one_record_is_dead_lettered_once_the_route_is_seen_working():
+    """Outage-type errors from one record only: once other records succeed, the record is
+    the problem, and its bounded attempts apply."""
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+
+    def throttled_for_o1(changes, ctx):
+        failures = {j: ClientError({"Error": {"Code": "Throttling", "Message": "x"}}, "SendEmail")
+                    for j, c in enumerate(changes) if c.keys["order_id"] == "o-1"}
+        if failures:
+            raise PartialBatchFailure(failures)
+
+    p = Pipeline(router=Router([Route("email", "Orders", throttled_for_o1)]), ctx=None, dead_letters=dlq,
+                 retry=RetryPolicy(max_attempts=3, base_seconds=0.2), sleep=clock.sleep, clock=clock, runner=run_inline)
+    results = p.process(records(3), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE, Outcome.DONE]
+    assert dlq.letters[0].attempts == 3
+
+
+def test_a_downstream_that_never_recovers_ends_the_call_before_the_daemon_timeout():
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    ses = FlakySes(clock, down_until=float("inf"))
+    started = clock.now
+    with pytest.raises(FatalProcessingError, match="unsettled after 240s"):
+        email_pipeline(ses, clock, dlq).process(records(5), "s")
+    assert clock.now - started <= 240, "never past the bound (daemon timeoutInSeconds is 300)"
+    assert dlq.letters == [], "an outage is not the records' fault"
+
+
+def test_other_routes_finish_while_one_is_down():
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    ses = FlakySes(clock, down_until=clock.now + 10)
+    copied = []
+    p = Pipeline(router=Router([Route("email", "Orders", ses), Route("copy", "Orders", lambda cs, ctx: copied.extend(cs))]),
+                 ctx=None, dead_letters=dlq, retry=RetryPolicy(), sleep=clock.sleep, clock=clock, runner=run_inline)
+    results = p.process(records(6), "s")
+    assert len(copied) == 6 and {r.outcome for r in results} == {Outcome.DONE}
+    assert len(ses.sent) == 6 and not dlq.letters
+
+
+# ---------------------------------------------------------------------------------------------
+# The handler-call deadline
+
+
+def test_a_hung_call_times_out_and_is_retried():
+    release = threading.Event()
+    calls = []
+
+    def hangs_first(changes, ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait(30)
+
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    p = Pipeline(router=Router([Route("copy", "Orders", hangs_first)]), ctx=None, dead_letters=dlq,
+                 retry=RetryPolicy(base_seconds=0, max_seconds=0), sleep=clock.sleep, clock=clock,
+                 runner=ThreadRunner(), handler_timeout_seconds=0.05)
+    try:
+        results = p.process(records(1), "s")
+    finally:
+        release.set()
+    assert [r.outcome for r in results] == [Outcome.DONE] and len(calls) == 2 and not dlq.letters
+
+
+def test_the_runner_reraises_handler_errors_and_gives_up_when_too_many_calls_hang():
+    runner = ThreadRunner(max_abandoned=2)
+    with pytest.raises(KeyError):
+        runner(lambda: {}["x"], 5)
+    release = threading.Event()
+    try:
+        for _ in range(2):
+            with pytest.raises(HandlerTimeout):
+                runner(lambda: release.wait(30), 0.01)
+        with pytest.raises(FatalProcessingError, match="still hung"):
+            runner(lambda: None, 5)
+    finally:
+        release.set()
+
+
+def test_the_call_deadline_never_exceeds_what_is_left_of_the_batch_deadline():
+    seen = []
+
+    def record_timeout(fn, timeout):
+        seen.append(timeout)
+        fn()
+
+    clock = FakeClock()
+    p = Pipeline(router=Router([Route("copy", "Orders", lambda cs, ctx: clock.sleep(50))]), ctx=None,
+                 dead_letters=InMemoryDeadLetterSink(), sleep=clock.sleep, clock=clock, runner=record_timeout,
+                 handler_timeout_seconds=60, batch_deadline_seconds=100)
+    p.process(records(1), "s")
+    p.process(records(1, start=5), "s")
+    assert seen == [60, 60]
+    p.batch_deadline_seconds = 30
+    p.process(records(1, start=9), "s")
+    assert seen[-1] == 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_failure_isolation_settings_and_their_defaults():
+    base = {"AWS_REGION": "us-east-1"}
+    s = load(base)
+    assert (s.handler_timeout_seconds, s.batch_deadline_seconds, s.idempotency_lock_seconds, s.idempotency_ttl_seconds,
+            s.breaker_threshold, s.breaker_open_seconds, s.breaker_max_open_seconds) == (60, 240, 90, 604800, 5, 1, 30)
+    s = load({**base, "ORDERS_CDC_BREAKER_THRESHOLD": "10", "ORDERS_CDC_BATCH_DEADLINE_SECONDS": "120"})
+    assert (s.breaker_threshold, s.batch_deadline_seconds) == (10, 120)
+    with pytest.raises(SettingsError, match="must exceed ORDERS_CDC_HANDLER_TIMEOUT_SECONDS") as info:
+        load({**base, "ORDERS_CDC_HANDLER_TIMEOUT_SECONDS": "120"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(SettingsError, match="ORDERS_CDC_BREAKER_THRESHOLD='0' must be >= 1"):
+        load({**base, "ORDERS_CDC_BREAKER_THRESHOLD": "0"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The dead-letter sink (SQS limits, partial failures)
+
+
+class FakeSqs:
+    def __init__(self, refuse=()):
+        self.refuse = list(refuse)  # per call: ids to refuse
+        self.bodies: list[str] = []
+        self.calls = []
+
+    def send_message_batch(self, QueueUrl, Entries):
+        refuse = self.refuse.pop(0) if self.refuse else set()
+        self.calls.append(len(Entries))
+        self.bodies += [e["MessageBody"] for e in Entries if e["Id"] not in refuse]
+        return {"Failed": [{"Id": i, "Code": "InternalError", "Message": "x", "SenderFault": False} for i in refuse]}
+
+
+def letter(n, data="eA=="):
+    from orders_cdc.deadletter import DeadLetter
+
+    return DeadLetter(record={"data": data, "sequenceNumber": str(n)}, shard_id="s", sequence_number=str(n),
+                      sub_sequence_number=0, reason="bad", error_type="PermanentError", attempts=1)
+
+
+def test_dead_letters_fit_sqs_limits_and_refused_ones_are_resent_alone():
+    import orjson
+
+    from orders_cdc.deadletter import SqsDeadLetterSink
+
+    sqs = FakeSqs(refuse=[{"1"}])
+    big = letter(99, data="A" * 400_000)  # a 300 KB Kinesis record, base64
+    SqsDeadLetterSink(sqs, "url").send([letter(n) for n in range(12)] + [big])
+    assert sqs.calls == [10, 1, 3], "10 per call; the refused entry alone; then the rest"
+    bodies = [orjson.loads(b) for b in sqs.bodies]
+    assert sorted(int(b["sequence_number"]) for b in bodies) == list(range(12)) + [99]
+    [truncated] = [b for b in bodies if b["sequence_number"] == "99"]
+    assert truncated["record_truncated"] is True and "data" not in truncated["record"]
+    assert all(len(b) <= 256 * 1024 for b in sqs.bodies)
+
+
+def test_a_retried_send_does_not_resend_delivered_letters():
+    from orders_cdc.deadletter import SqsDeadLetterSink
+
+    sqs = FakeSqs(refuse=[{"0"}, {"0"}, {"0"}])
+    sink = SqsDeadLetterSink(sqs, "url")
+    with pytest.raises(RuntimeError, match="refused 1 message"):
+        sink.send([letter(1), letter(2)])
+    sink.send([letter(1), letter(2)])
+    assert len(sqs.bodies) == 2, "letter 2 went out once"
+
+
+def test_a_hung_handler_thread_does_not_keep_the_child_alive():
+    import subprocess
+    import sys
+
+    script = (
+        "import threading\n"
+        "from orders_cdc.retry import ThreadRunner\n"
+        "from orders_cdc.errors import HandlerTimeout\n"
+        "try:\n"
+        "    ThreadRunner()(lambda: threading.Event().wait(), 0.01)\n"
+        "except HandlerTimeout:\n"
+        "    print('timed out')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, b"timed out")

@@ -1,0 +1,282 @@
+"""The pipeline with an idempotency store: each reaction at most once per (route, change),
+across redeliveries, duplicates inside a batch, other workers' locks, crashes, timeouts."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from orders_cdc.deadletter import InMemoryDeadLetterSink
+from orders_cdc.errors import FatalProcessingError, PartialBatchFailure, PermanentError, RetryableError
+from orders_cdc.idempotency import IdempotencyStoreUnavailableError, reaction_key
+from orders_cdc.idempotency.base import Status
+from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
+from orders_cdc.idempotency.memory import InMemoryIdempotencyStore
+from orders_cdc.pipeline import Outcome, Pipeline
+from orders_cdc.retry import RetryPolicy, ThreadRunner, run_inline
+from orders_cdc.routing import Idempotency, Route, Router
+from tests.factories import kcl_record, kds_record, sequence_number
+from tests.unit.test_idempotency import counting, ddb_client
+from tests.unit.test_pipeline import FakeClock
+
+
+def shipped(order_id, created_us=1721011165891550, event_id=None):
+    return kds_record("MODIFY", new={"order_id": order_id, "status": "shipped"},
+                      old={"order_id": order_id, "status": "processing"}, keys={"order_id": order_id},
+                      created_us=created_us, event_id=event_id)
+
+
+def batch(*docs, start=1):
+    return [kcl_record(doc, sequence_number(n)) for n, doc in enumerate(docs, start)]
+
+
+class Reactions:
+    """A fake downstream: records each reaction; `fail` maps order ids to errors."""
+
+    def __init__(self, fail=None):
+        self.seen: list[list[str]] = []
+        self.fail = dict(fail or {})
+
+    def __call__(self, changes, ctx):
+        self.seen.append([c.keys["order_id"] for c in changes])
+        failures = {j: self.fail[c.keys["order_id"]] for j, c in enumerate(changes) if c.keys["order_id"] in self.fail}
+        if failures:
+            raise PartialBatchFailure(failures)
+
+    @property
+    def done(self):
+        return [o for call in self.seen for o in call if o not in self.fail]
+
+
+def make(routes, store=None, clock=None, dlq=None, attempts=3, **kw):
+    clock = clock or FakeClock()
+    store = store if store is not None else InMemoryIdempotencyStore(lock_seconds=90)
+    p = Pipeline(router=Router(routes), ctx=None, dead_letters=dlq if dlq is not None else InMemoryDeadLetterSink(),
+                 retry=RetryPolicy(max_attempts=attempts, base_seconds=0.0, max_seconds=0.0),
+                 sleep=clock.sleep, clock=clock, runner=kw.pop("runner", run_inline),
+                 idempotency=store, **kw)
+    return p, store, clock
+
+
+def test_a_redelivered_batch_is_all_duplicates_and_nothing_runs_twice():
+    email = Reactions()
+    p, store, _ = make([Route("email", "Orders", email)])
+    first = p.process(batch(shipped("o-1"), shipped("o-2")), "s")
+    # A KDS duplicate: new event ids, new sequence numbers, same changes.
+    again = p.process(batch(shipped("o-1", event_id="dup-1"), shipped("o-2", event_id="dup-2"), start=10), "s")
+    assert [r.outcome for r in first] == [Outcome.DONE, Outcome.DONE]
+    assert [r.outcome for r in again] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert again[0].routes == (("email", Outcome.DUPLICATE),)
+    assert email.seen == [["o-1", "o-2"]]
+    assert store.calls["get_many"] == 2, "one batched read per batch"
+
+
+def test_the_same_change_twice_in_one_batch_reacts_once():
+    email = Reactions()
+    p, _, _ = make([Route("email", "Orders", email)])
+    results = p.process(batch(shipped("o-1"), shipped("o-1", event_id="dup")), "s")
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.DUPLICATE]
+    assert email.seen == [["o-1"]]
+
+
+def test_done_for_one_route_is_not_done_for_another():
+    email, refund = Reactions(), Reactions(fail={"o-1": RetryableError("SQS throttled")})
+    p, _, _ = make([Route("email", "Orders", email), Route("refund", "Orders", refund)], attempts=1)
+    first = p.process(batch(shipped("o-1"), shipped("o-2")), "s")
+    assert [r.outcome for r in first] == [Outcome.DEAD_LETTERED, Outcome.DONE]
+    refund.fail.clear()
+    replay = p.process(batch(shipped("o-1")), "s")  # e.g. replayed from the dead-letter queue
+    assert replay[0].outcome is Outcome.DONE
+    assert replay[0].routes == (("email", Outcome.DUPLICATE), ("refund", Outcome.DONE))
+    assert email.seen == [["o-1", "o-2"]] and refund.seen == [["o-1", "o-2"], ["o-1"]]
+
+
+def test_a_failed_reaction_releases_its_lock():
+    email = Reactions(fail={"o-1": PermanentError("bad address")})
+    p, store, _ = make([Route("email", "Orders", email)])
+    p.process(batch(shipped("o-1")), "s")
+    assert store.records == {}, "nothing left locked: a replay can run it at once"
+
+
+def test_a_lock_held_elsewhere_waits_for_its_lease_without_spending_attempts():
+    """A worker crashed mid-reaction (its lock is INPROGRESS): this one waits for the
+    lease to run out, then reacts. No attempts burnt, nothing dead-lettered."""
+    email, dlq = Reactions(), InMemoryDeadLetterSink()
+    clock = FakeClock()
+    store = InMemoryIdempotencyStore(lock_seconds=90)
+    crashed = InMemoryIdempotencyStore(lock_seconds=90, owner="crashed")
+    crashed.records = store.records
+    change = batch(shipped("o-1"))
+    from orders_cdc.change import decode_kcl_record
+
+    crashed.save_inprogress(reaction_key("email", decode_kcl_record(change[0], "s")), clock.now - 30)
+    p, _, _ = make([Route("email", "Orders", email)], store=store, clock=clock, dlq=dlq, attempts=1)
+    results = p.process(change + batch(shipped("o-2"), start=2), "s")
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.DONE] and not dlq.letters
+    assert email.seen == [["o-2"], ["o-1"]], "o-2 did not wait for o-1's lock"
+    assert sum(clock.slept) == pytest.approx(60), "until the crashed worker's lease ended"
+
+
+def test_per_batch_routes_mark_after_the_handler_and_take_no_locks():
+    metrics = Reactions()
+    p, store, _ = make([Route("metrics", "Orders", metrics, idempotency=Idempotency.PER_BATCH)])
+    p.process(batch(*[shipped(f"o-{i}") for i in range(60)]), "s")
+    assert metrics.seen == [[f"o-{i}" for i in range(60)]], "one call for the batch"
+    assert store.calls == {"get_many": 1, "put_many": 1}
+    assert {r.status for r in store.records.values()} == {Status.COMPLETED}
+    again = p.process(batch(*[shipped(f"o-{i}") for i in range(60)], start=100), "s")
+    assert {r.outcome for r in again} == {Outcome.DUPLICATE} and len(metrics.seen) == 1
+
+
+def test_routes_without_idempotency_never_touch_the_store():
+    copy = Reactions()
+    p, store, _ = make([Route("copy", "Orders", copy, idempotency=Idempotency.OFF)])
+    p.process(batch(shipped("o-1")), "s")
+    p.process(batch(shipped("o-1")), "s")
+    assert copy.seen == [["o-1"], ["o-1"]], "at-least-once by design"
+    assert sum(store.calls.values()) == 0
+
+
+def test_markers_that_cannot_be_written_stop_the_batch_unacknowledged():
+    class Down(InMemoryIdempotencyStore):
+        def _put_many(self, records):
+            raise IdempotencyStoreUnavailableError("throttled")
+
+    p, _, _ = make([Route("metrics", "Orders", Reactions(), idempotency=Idempotency.PER_BATCH)], store=Down())
+    with pytest.raises(FatalProcessingError, match="mark reactions done"):
+        p.process(batch(shipped("o-1")), "s")
+
+
+def test_a_timed_out_reaction_keeps_its_lock_until_the_lease_ends():
+    """The hung call may still send the email: its lock is not released, and the retry
+    waits for the lease instead of racing it."""
+    release = threading.Event()
+    calls = []
+
+    def hangs_once(changes, ctx):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            release.wait(30)
+
+    clock = FakeClock()
+    p, store, _ = make([Route("email", "Orders", hangs_once)], clock=clock, runner=ThreadRunner(),
+                       handler_timeout_seconds=0.05)
+    try:
+        results = p.process(batch(shipped("o-1")), "s")
+    finally:
+        release.set()
+    assert [r.outcome for r in results] == [Outcome.DONE]
+    assert calls == [0, 1]
+    assert sum(clock.slept) == pytest.approx(90), "waited for the lease (90 s) before the retry"
+
+
+# ---------------------------------------------------------------------------------------------
+# The API-call budget, against DynamoDB (moto)
+
+
+@pytest.fixture
+def ddb_store(moto_server):
+    client = ddb_client(moto_server)
+    name = f"Idempotency-{uuid.uuid4().hex[:8]}"
+    client.create_table(TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    return DynamoDbIdempotencyStore(client, name, lock_seconds=90), counting(client)
+
+
+def test_batch_routes_cost_under_a_tenth_of_a_call_per_record(ddb_store):
+    store, calls = ddb_store
+    p, _, _ = make([Route("metrics", "Orders", Reactions(), idempotency=Idempotency.PER_BATCH),
+                    Route("copy", "Orders", Reactions(), idempotency=Idempotency.OFF)], store=store)
+    p.process(batch(*[shipped(f"o-{i}") for i in range(500)]), "s")
+    assert dict(calls) == {"BatchGetItem": 5, "BatchWriteItem": 20}
+    assert sum(calls.values()) / 500 <= 0.1
+
+
+def test_per_change_routes_cost_one_lock_per_change_plus_batched_reads_and_markers(ddb_store):
+    store, calls = ddb_store
+    p, _, _ = make([Route("email", "Orders", Reactions())], store=store)
+    p.process(batch(*[shipped(f"o-{i}") for i in range(100)]), "s")
+    assert dict(calls) == {"BatchGetItem": 1, "PutItem": 100, "BatchWriteItem": 4}
+    calls.clear()
+    p.process(batch(*[shipped(f"o-{i}") for i in range(100)], start=200), "s")
+    assert dict(calls) == {"BatchGetItem": 1}, "a redelivered batch costs one read"
+
+
+# ---------------------------------------------------------------------------------------------
+# The wired processor (app.build_processor) on moto: a redelivered batch reacts nowhere twice
+
+
+class NoCheckpoints:
+    def checkpoint(self, sequence_number=None, sub_sequence_number=None):
+        pass
+
+
+def test_the_wired_processor_reacts_once_to_a_redelivered_batch(moto_server):
+    from collections import Counter
+    from decimal import Decimal
+
+    import boto3
+
+    from orders_cdc.app import Clients, build_processor
+    from orders_cdc.local.resources import LocalClients, ResourceNames, create_resources
+    from orders_cdc.settings import load
+
+    s = uuid.uuid4().hex[:8]
+    names = ResourceNames(stream=f"s-{s}", shards=1, orders_table=f"Orders-{s}", inventory_table=f"Inventory-{s}",
+                          product_orders_table=f"ProductOrders-{s}", order_metrics_table=f"OrderMetrics-{s}",
+                          product_metrics_table=f"ProductMetrics-{s}", idempotency_table=f"Idempotency-{s}",
+                          dlq=f"dlq-{s}", refunds_queue=f"refunds-{s}", analytics_bucket=f"analytics-{s}",
+                          analytics_firehose=f"analytics-{s}", sender=f"orders-{s}@example.com")
+    aws = LocalClients.from_endpoints({name: moto_server for name in LocalClients.__dataclass_fields__})
+    create_resources(aws, names)
+    settings = load({
+        "AWS_ENDPOINT_URL": moto_server, "AWS_REGION": "us-east-1",
+        "ORDERS_CDC_ORDERS_TABLE": names.orders_table, "ORDERS_CDC_DLQ_QUEUE": names.dlq,
+        "ORDERS_CDC_REFUND_QUEUE": names.refunds_queue, "ORDERS_CDC_INVENTORY_TABLE": names.inventory_table,
+        "ORDERS_CDC_PRODUCT_ORDERS_TABLE": names.product_orders_table,
+        "ORDERS_CDC_ORDER_METRICS_TABLE": names.order_metrics_table,
+        "ORDERS_CDC_PRODUCT_METRICS_TABLE": names.product_metrics_table,
+        "ORDERS_CDC_IDEMPOTENCY_TABLE": names.idempotency_table, "ORDERS_CDC_FIREHOSE_STREAM": names.analytics_firehose,
+        "ORDERS_CDC_SENDER_EMAIL": names.sender,
+    })
+    clients = Clients(settings, boto3.session.Session(aws_access_key_id="test", aws_secret_access_key="test",
+                                                      region_name="us-east-1"))
+    calls: Counter = Counter()
+    for service in ("dynamodb", "sqs", "ses", "firehose"):
+        getattr(clients, service).meta.events.register(f"before-call.{service}",
+                                                       lambda model, **_: calls.update([model.name]))
+
+    def order(order_id, status):
+        return {"order_id": order_id, "status": status, "customer_email": "ann@example.com", "currency": "USD",
+                "created_at": "2024-07-15T10:00:00+00:00", "total": Decimal("79.80"),
+                "items": [{"product_id": "p-1", "name": "Kettle", "quantity": Decimal(2), "unit_price": Decimal("39.90")}]}
+
+    def docs(event_prefix):
+        t, us = names.orders_table, 1_721_037_600_000_000
+        return [
+            kds_record("INSERT", new=order("o-1", "pending"), old=None, keys={"order_id": "o-1"}, table=t,
+                       created_us=us, event_id=f"{event_prefix}-1"),
+            kds_record("MODIFY", new=order("o-1", "shipped"), old=order("o-1", "pending"), keys={"order_id": "o-1"},
+                       table=t, created_us=us + 1, event_id=f"{event_prefix}-2"),
+            kds_record("MODIFY", new=order("o-2", "cancelled"), old=order("o-2", "processing"), keys={"order_id": "o-2"},
+                       table=t, created_us=us + 2, event_id=f"{event_prefix}-3"),
+        ]
+
+    processor = build_processor(settings, clients)
+    processor._metrics = False
+    processor.initialize("shardId-000000000000", "TRIM_HORIZON", 0)
+    processor.process_records(batch(*docs("a")), 0, NoCheckpoints())
+    first = Counter(calls)
+    calls.clear()
+    processor.process_records(batch(*docs("b"), start=10), 0, NoCheckpoints())  # KDS duplicates
+    assert processor.totals["done"] == 6, "the copies to Firehose are at-least-once: still done"
+    # metrics x3, the shipped email, inventory (shipped, cancelled), the refund
+    assert processor.totals["duplicate_reactions"] == 7
+    assert first["SendEmail"] == 1 and "SendEmail" not in calls
+    assert first["SendMessageBatch"] == 1 and "SendMessageBatch" not in calls, "no second refund request"
+    assert "TransactWriteItems" not in calls, "no second inventory movement or metric increment"
+    assert calls["PutRecordBatch"] == 2, "analytics and audit copies again (downstream dedups)"
+    assert calls["BatchGetItem"] == 1, "duplicates found in one read"
+    assert calls["PutItem"] == first["PutItem"] - 4 == 3, "no locks taken; what is left is the view's own guarded writes"
