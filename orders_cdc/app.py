@@ -75,13 +75,13 @@ class Context:
 # How each route's reactions are kept to one per change, for the routes that do not say so
 # themselves (a Route left at the defaults). Every other route keeps the default: a lock
 # per change (emails, refunds, inventory movements: one downstream call per change anyway).
-def build_processor(settings: Settings, clients: Clients | None = None) -> ChangeProcessor:
+def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
+    """The record path, shared by the daemon's children and `orders-cdc dlq redrive`."""
     from processors import all_routes
 
-    clients = clients or Clients(settings)
     ctx = Context(settings, clients)
     table = settings.resources.idempotency_table
-    pipeline = Pipeline(
+    return Pipeline(
         router=Router(all_routes(settings.resources)),
         ctx=ctx,
         dead_letters=SqsDeadLetterSink(clients.sqs, clients.queue_url(settings.resources.dlq_queue)),
@@ -98,7 +98,10 @@ def build_processor(settings: Settings, clients: Clients | None = None) -> Chang
         handler_timeout_seconds=settings.handler_timeout_seconds,
         batch_deadline_seconds=settings.batch_deadline_seconds,
     )
+
+
+def build_processor(settings: Settings, clients: Clients | None = None) -> ChangeProcessor:
     return ChangeProcessor(
-        pipeline,
+        build_pipeline(settings, clients or Clients(settings)),
         lambda: CheckpointPolicy(settings.checkpoint_every_records, settings.checkpoint_every_seconds),
     )

@@ -110,6 +110,28 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    import orjson
+
+    from orders_cdc import dlq
+    from orders_cdc.app import Clients, build_pipeline
+
+    settings = settings_module.load()
+    clients = Clients(settings)
+    url = clients.queue_url(settings.resources.dlq_queue)
+    out = sys.stdout
+    if args.dlq_command == "list":
+        received = list(dlq.receive(clients.sqs, url, args.max))
+        for r in received:
+            out.write(orjson.dumps(dlq.summary(r.letter) | ({"record": r.letter.get("record")} if args.records else {})).decode() + "\n")
+        dlq.release(clients.sqs, url, received)  # listing takes nothing away
+        return 0
+    for letter, outcome in dlq.redrive(build_pipeline(settings, clients), clients.sqs, url, args.max):
+        out.write(orjson.dumps({"sequence_number": letter["sequence_number"], "shard_id": letter["shard_id"],
+                                "was": letter["reason"], "now": outcome}).decode() + "\n")
+    return 0
+
+
 def _with_position(settings, raw: str):
     from dataclasses import replace
 
@@ -165,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--properties", default="app.properties")
     replay.add_argument("--force", action="store_true", help="skip the check that no worker is running")
     replay.set_defaults(func=_cmd_replay)
+
+    dlq = sub.add_parser("dlq", help="list or redrive dead-lettered records",
+                         description="Dead letters hold the original record, the reason, the attempts, shard and sequence.")
+    dlq_cmds = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_cmds.add_parser("list", help="print letters as JSON lines (they stay in the queue)")
+    dlq_list.add_argument("--max", type=int, default=100)
+    dlq_list.add_argument("--records", action="store_true", help="include the original records")
+    dlq_list.set_defaults(func=_cmd_dlq)
+    dlq_redrive = dlq_cmds.add_parser("redrive", help="send letters through the pipeline again (idempotently)")
+    dlq_redrive.add_argument("--max", type=int, default=100)
+    dlq_redrive.set_defaults(func=_cmd_dlq)
 
     decode = sub.add_parser("decode", help="show records the way the processor sees them (stdin -> JSON lines)",
                             description="Read KDS-for-DynamoDB documents (JSON or base64) or DynamoDB Streams records, one a line.")

@@ -1,0 +1,59 @@
+"""The dead-letter queue, for operators: list letters, and redrive them through the same
+pipeline the daemon runs. Redrive is safe to repeat: reactions already done are
+duplicates for the idempotency store, and a record that fails again gets a new letter
+(with the new reason) before its old one is deleted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import orjson
+
+from orders_cdc.pipeline import Outcome, Pipeline
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    letter: dict
+    receipt_handle: str
+
+
+def receive(sqs, queue_url: str, limit: int, hide_seconds: int = 60) -> Iterator[Received]:
+    """Up to `limit` letters; each stays hidden for `hide_seconds` unless released or deleted."""
+    taken = 0
+    while taken < limit:
+        batch = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=min(10, limit - taken),
+                                    VisibilityTimeout=hide_seconds).get("Messages", [])
+        if not batch:
+            return
+        for message in batch:
+            taken += 1
+            yield Received(orjson.loads(message["Body"]), message["ReceiptHandle"])
+
+
+def release(sqs, queue_url: str, received: list[Received]) -> None:
+    for start in range(0, len(received), 10):
+        sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=[
+            {"Id": str(i), "ReceiptHandle": r.receipt_handle, "VisibilityTimeout": 0}
+            for i, r in enumerate(received[start:start + 10])])
+
+
+def summary(letter: dict) -> dict:
+    return {k: letter.get(k) for k in ("reason", "error_type", "attempts", "shard_id", "sequence_number",
+                                       "failed_routes", "dead_lettered_at", "record_truncated")}
+
+
+def redrive(pipeline: Pipeline, sqs, queue_url: str, limit: int) -> Iterator[tuple[dict, str]]:
+    """Yields (letter summary, what happened) per letter."""
+    for received in receive(sqs, queue_url, limit):
+        letter = received.letter
+        if letter.get("record_truncated") or "data" not in letter.get("record", {}):
+            yield summary(letter), "kept: the letter has no record data (too large); read it from the stream"
+            continue
+        [result] = pipeline.process([letter["record"]], letter.get("shard_id") or "redrive")
+        sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=received.receipt_handle)
+        if result.outcome is Outcome.DEAD_LETTERED:
+            yield summary(letter), f"dead-lettered again: {result.reason}"
+        else:
+            yield summary(letter), result.outcome.value

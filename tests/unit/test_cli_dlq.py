@@ -1,0 +1,82 @@
+"""`orders-cdc dlq list | redrive` against a real moto server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from orders_cdc.deadletter import DeadLetter, SqsDeadLetterSink
+from orders_cdc.local.resources import LocalClients, ResourceNames, create_resources
+from tests.factories import kcl_record, kds_record, sequence_number
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def stack(moto_server):
+    suffix = uuid.uuid4().hex[:8]
+    names = ResourceNames(stream=f"s-{suffix}", shards=1, orders_table=f"Orders-{suffix}", dlq=f"dlq-{suffix}",
+                          refunds_queue=f"refunds-{suffix}", analytics_bucket=f"analytics-{suffix}",
+                          analytics_firehose=f"analytics-{suffix}", idempotency_table=f"Idem-{suffix}")
+    clients = LocalClients.from_endpoints({name: moto_server for name in LocalClients.__dataclass_fields__})
+    created = create_resources(clients, names)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ORDERS_CDC_"))},
+           "AWS_ENDPOINT_URL": moto_server, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "ORDERS_CDC_ORDERS_TABLE": names.orders_table,
+           "ORDERS_CDC_DLQ_QUEUE": names.dlq, "ORDERS_CDC_REFUND_QUEUE": names.refunds_queue,
+           "ORDERS_CDC_FIREHOSE_STREAM": names.analytics_firehose, "ORDERS_CDC_IDEMPOTENCY_TABLE": names.idempotency_table,
+           "ORDERS_CDC_MAX_ATTEMPTS": "1"}
+    return names, clients, created, env
+
+
+def cli(env, *args):
+    proc = subprocess.run([sys.executable, "-m", "orders_cdc.cli", "dlq", *args], env=env, cwd=ROOT,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return [orjson.loads(line) for line in proc.stdout.splitlines()]
+
+
+def queue_depth(clients, url):
+    attrs = clients.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
+                                                                           "ApproximateNumberOfMessagesNotVisible"])
+    return sum(int(v) for v in attrs["Attributes"].values())
+
+
+def analytics_for(clients, bucket, order_id):
+    found = []
+    for obj in clients.s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        for line in clients.s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().splitlines():
+            event = orjson.loads(line)
+            if event.get("record_type") == "analytics" and event["keys"] == {"order_id": order_id}:
+                found.append(event)
+    return found
+
+
+def test_list_then_redrive(stack):
+    names, clients, created, env = stack
+    url = created.queue_urls[names.dlq]
+    good = kcl_record(kds_record("INSERT", new={"order_id": "r-1", "status": "pending"}, old=None,
+                                 keys={"order_id": "r-1"}, table=names.orders_table), sequence_number(1))
+    poison = {**kcl_record({}, sequence_number(2)), "data": "bm90IGpzb24="}  # base64 of "not json"
+    letters = [DeadLetter(record=r, shard_id="shardId-000000000000", sequence_number=r["sequenceNumber"],
+                          sub_sequence_number=0, reason=reason, error_type="X", attempts=5)
+               for r, reason in ((good, "downstream was down"), (poison, "not JSON"))]
+    SqsDeadLetterSink(clients.sqs, url).send(letters)
+
+    listed = cli(env, "list")
+    assert sorted(l["reason"] for l in listed) == ["downstream was down", "not JSON"]
+    assert queue_depth(clients, url) == 2, "listing takes nothing away"
+
+    outcomes = {o["sequence_number"]: o["now"] for o in cli(env, "redrive")}
+    assert outcomes[sequence_number(1)] == "done"
+    assert outcomes[sequence_number(2)].startswith("dead-lettered again:")
+    assert len(analytics_for(clients, names.analytics_bucket, "r-1")) == 1
+    [again] = cli(env, "list", "--records")
+    assert again["sequence_number"] == sequence_number(2) and again["record"] == poison
+    assert queue_depth(clients, url) == 1
