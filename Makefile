@@ -54,5 +54,13 @@ test-fast: install
 test-integration: install
 	$(PY) -m pytest -m integration
 
+# Benchmarks (bench/): B1-B4, a table in the terminal and bench/results.json. Not tests:
+# nothing fails on speed. The bench extra (Powertools for B2, py-spy for B1's profile) is
+# installed on first use.
+bench: install
+	@$(PY) -c "import aws_lambda_powertools" 2>/dev/null && test -x $(VENV)/bin/py-spy || \
+		KCL_MVN_REPO_SEARCH_URL=file://$(M2)/ $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) $(LSVENV) .kcl .local

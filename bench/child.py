@@ -1,0 +1,83 @@
+"""B1's child for OUR processor: what record_processor.py runs, with in-memory AWS clients.
+
+Same entry steps as ``orders_cdc.cli.child_main`` (protocol streams, settings from the
+environment, JSON logs, ``build_processor``, ``protocol.run``); the only difference is the
+``clients`` argument: ``bench.fakes.FakeClients``. The real routes from
+``processors.all_routes`` run; each handler is wrapped only to attribute its fake calls.
+
+    python -m bench.child [--mode full|route-only] [--calls-out FILE] [--profile FILE]
+
+``route-only`` replaces every handler with a no-op: decode + route + pipeline + protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+import orjson
+
+from bench.fakes import CallLog, FakeClients
+
+
+def _noop(changes, ctx) -> None:
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.child")
+    parser.add_argument("--mode", choices=("full", "route-only"), default="full")
+    parser.add_argument("--calls-out")
+    parser.add_argument("--profile")
+    parser.add_argument("--gc-threshold", type=int, default=0,
+                        help="what-if: gc.freeze() after start-up and this gen-0 threshold (0: as production)")
+    args = parser.parse_args(argv)
+
+    from orders_cdc import logs, settings as settings_module
+    from orders_cdc.app import build_processor
+    from orders_cdc.kcl import protocol
+    from orders_cdc.routing import Router
+
+    proto_in, proto_out = protocol.protocol_streams()
+    settings = settings_module.load()
+    logs.setup(settings.log_level, component="processor")
+    calls = CallLog()
+    processor = build_processor(settings, FakeClients(settings, calls))
+    pipeline = getattr(processor, "_pipeline", None)
+    if pipeline is not None and hasattr(pipeline, "router"):
+        routes = list(pipeline.router.routes)
+        if args.mode == "route-only":
+            routes = [replace(r, handler=_noop) for r in routes]
+        pipeline.router = Router(calls.attributed(routes))
+    elif args.mode == "route-only":
+        sys.stderr.write("bench.child: cannot find the pipeline's router; --mode route-only unavailable\n")
+        return 2
+
+    if args.gc_threshold:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(args.gc_threshold, 50, 100)
+
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        protocol.run(processor, proto_in, proto_out)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        if args.calls_out:
+            with open(args.calls_out, "wb") as out:
+                out.write(orjson.dumps(calls.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
