@@ -1,0 +1,255 @@
+"""Fault-injection harness: a scripted order history, its oracle (what every reaction must
+add up to), and a verifier that reads the effects back from the local stack itself."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+
+from orders_cdc.local.orders import new_order
+from orders_cdc.local.runner import LocalRun, wait_until
+
+PATHS = (
+    ("pending", "processing", "shipped", "delivered"),
+    ("pending", "processing", "cancelled"),
+    ("pending", "cancelled"),
+    ("pending", "processing", "shipped"),
+)
+_ser, _de = TypeSerializer(), TypeDeserializer()
+
+
+@dataclass
+class History:
+    orders: int = 40
+    prefix: str = "f"
+    versions: list[dict] = field(default_factory=list)  # every item written, in write order
+
+    def __post_init__(self) -> None:
+        import random
+
+        rng = random.Random(self.prefix)
+        self.paths = {f"{self.prefix}-{i:04d}": PATHS[i % len(PATHS)] for i in range(self.orders)}
+        self.first = {oid: new_order(oid, rng) for oid in self.paths}
+
+    def steps(self):
+        """Round-robin over the orders, so changes of different orders interleave."""
+        depth = max(len(p) for p in self.paths.values())
+        for level in range(depth):
+            for oid, path in self.paths.items():
+                if level < len(path):
+                    item = dict(self.first[oid], status=path[level])
+                    if path[level] == "shipped":
+                        item["tracking_number"] = f"1Z{oid}"
+                    if path[level] == "cancelled":
+                        item["cancel_reason"] = "customer request"
+                    yield item
+
+    def write(self, run: LocalRun, rate: float = 40.0, on_step: Callable[[int], None] | None = None) -> None:
+        ddb = run.client("dynamodb")
+        for n, item in enumerate(self.steps()):
+            if on_step:
+                on_step(n)
+            ddb.put_item(TableName=run.cfg.names.orders_table, Item={k: _ser.serialize(v) for k, v in item.items()})
+            self.versions.append(item)
+            time.sleep(1.0 / rate)
+
+    # ---- the oracle
+    def expected_emails(self) -> Counter:
+        out = Counter()
+        for oid, path in self.paths.items():
+            if "shipped" in path:
+                out[f"Your order {oid} has shipped"] += 1
+            if "delivered" in path:
+                out[f"Your order {oid} has been delivered"] += 1
+                out[f"How was your order {oid}?"] += 1
+        return out
+
+    def expected_refunds(self) -> Counter:
+        return Counter(oid for oid, path in self.paths.items() if path[-1] == "cancelled")
+
+    def expected_revenue(self) -> tuple[int, Decimal]:
+        live = [self.first[oid] for oid, path in self.paths.items() if path[-1] != "cancelled"]
+        return len(live), sum((o["total"] for o in live), Decimal("0"))
+
+    def expected_shipped_units(self) -> Counter:
+        out = Counter()
+        for oid, path in self.paths.items():
+            if "shipped" in path and path[-1] != "cancelled":
+                for line in self.first[oid]["items"]:
+                    out[line["product_id"]] += int(line["quantity"])
+        return out
+
+    def expected_changes(self) -> set[tuple[str, str]]:
+        return {(oid, status) for oid, path in self.paths.items() for status in path}
+
+
+@dataclass
+class Observed:
+    changes: Counter  # (order_id, status) -> analytics events seen
+    emails: Counter
+    refunds: Counter
+    order_count: int
+    revenue: Decimal
+    shipped_units: Counter
+    dead_letters: list[dict]
+
+
+def observe(run: LocalRun, prefix: str) -> Observed:
+    s3, bucket = run.client("s3"), run.cfg.names.analytics_bucket
+    changes = Counter()
+    for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        for line in s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().splitlines():
+            event = json.loads(line, parse_float=Decimal) if line.strip() else {}
+            if event.get("record_type") == "analytics" and event["keys"].get("order_id", "").startswith(prefix):
+                changes[(event["keys"]["order_id"], event["item"].get("status"))] += 1
+    data = _moto_state(run.stack.endpoints["ses"])
+    emails = Counter(m["subject"] for m in data.get("ses", {}).get("Message", []) if f" {prefix}-" in m["subject"])
+    sqs = run.client("sqs")
+    url = sqs.get_queue_url(QueueName=run.cfg.names.refunds_queue)["QueueUrl"]
+    refunds = _all_messages(sqs, url, lambda body: body.get("order_id"))
+    dlq_url = sqs.get_queue_url(QueueName=run.cfg.names.dlq)["QueueUrl"]
+    dead = list(_all_messages(sqs, dlq_url, lambda body: json.dumps(body)).keys())
+    ddb = run.client("dynamodb")
+    count, revenue = 0, Decimal("0")
+    for item in _scan(ddb, run.cfg.names.order_metrics_table):
+        count += int(item.get("order_count", 0))
+        revenue += item.get("revenue", Decimal("0"))
+    shipped = Counter()
+    for item in _scan(ddb, run.cfg.names.inventory_table):
+        shipped[item["product_id"]] = int(item.get("shipped", 0))
+    return Observed(changes, emails, refunds, count, revenue, shipped, [json.loads(d) for d in dead])
+
+
+def _moto_state(endpoint: str) -> dict:
+    """moto's whole state; it can fail with a 500 while another request mutates it."""
+    for attempt in range(10):
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=30) as reply:
+                return json.load(reply)
+        except urllib.error.HTTPError:
+            if attempt == 9:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def _all_messages(sqs, url: str, key: Callable[[dict], str]) -> Counter:
+    """Every message of the queue once: receive until empty (each receive hides what it
+    returned), then make them all visible again for the next look."""
+    seen: dict[str, str] = {}
+    handles: list[str] = []
+    while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60).get("Messages", []):
+        for m in batch:
+            seen[m["MessageId"]] = key(json.loads(m["Body"]))
+            handles.append(m["ReceiptHandle"])
+    for start in range(0, len(handles), 10):
+        sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
+            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(handles[start:start + 10])])
+    return Counter(seen.values())
+
+
+def _scan(ddb, table: str) -> list[dict]:
+    items, kwargs = [], {"TableName": table, "ConsistentRead": True}
+    while True:
+        page = ddb.scan(**kwargs)
+        items += [{k: _de.deserialize(v) for k, v in it.items()} for it in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def caught_up(run: LocalRun, history: History, timeout: float = 240) -> Observed:
+    """Wait until every change's reactions are visible, then a little longer for stragglers."""
+    def done():
+        seen = observe(run, history.prefix)
+        complete = (set(seen.changes) >= history.expected_changes()
+                    and all(seen.emails[s] >= n for s, n in history.expected_emails().items())
+                    and all(seen.refunds[o] >= n for o, n in history.expected_refunds().items()))
+        return seen if complete else None
+
+    wait_until(done, timeout, 2.0, "every reaction of the history")
+    time.sleep(5)  # duplicates, if any, arrive after the first copy
+    return observe(run, history.prefix)
+
+
+def report(name: str, history: History, seen: Observed, **extra) -> dict:
+    expected_emails, expected_refunds = history.expected_emails(), history.expected_refunds()
+    counts = {
+        "scenario": name,
+        "changes_written": len(history.versions),
+        "changes_lost": len(history.expected_changes() - set(seen.changes)),
+        "changes_redelivered": sum(n - 1 for n in seen.changes.values() if n > 1),
+        "emails": sum(seen.emails.values()),
+        "emails_duplicated": sum(max(0, seen.emails[s] - n) for s, n in expected_emails.items()),
+        "emails_missing": sum(max(0, n - seen.emails[s]) for s, n in expected_emails.items()),
+        "refunds_duplicated": sum(max(0, seen.refunds[o] - n) for o, n in expected_refunds.items()),
+        "refunds_missing": sum(max(0, n - seen.refunds[o]) for o, n in expected_refunds.items()),
+        "dead_letters": len(seen.dead_letters),
+        **extra,
+    }
+    print(f"\nFAULT {json.dumps(counts, default=str)}")
+    return counts
+
+
+def assert_exact(history: History, seen: Observed, counts: dict) -> None:
+    assert counts["changes_lost"] == 0, counts
+    assert seen.emails == history.expected_emails(), "every email exactly once"
+    assert seen.refunds == history.expected_refunds(), "every refund exactly once"
+    assert (seen.order_count, seen.revenue) == history.expected_revenue(), "metric totals exact"
+    assert +seen.shipped_units == history.expected_shipped_units(), "inventory exact"
+
+
+# ---- processes of a run
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    import os
+
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            parent = _ppid(int(entry))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def jvm_pid(supervisor_pid: int) -> int | None:
+    return next((p for p in descendants(supervisor_pid) if "MultiLangDaemon" in _cmdline(p)), None)
+
+
+def child_pids(supervisor_pid: int) -> list[int]:
+    return [p for p in descendants(supervisor_pid) if "record_processor.py" in _cmdline(p)]
+
+
+def lease_owners(run: LocalRun) -> dict[str, str]:
+    items = run.client("dynamodb").scan(TableName=run.cfg.application, ConsistentRead=True)["Items"]
+    return {i["leaseKey"]["S"]: i.get("leaseOwner", {}).get("S", "") for i in items
+            if i.get("entityType", {}).get("S", "LEASE") == "LEASE" and i["leaseKey"]["S"].startswith("shardId")}
