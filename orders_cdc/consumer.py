@@ -67,6 +67,11 @@ class ChangeProcessor(RecordProcessor):
                 checkpointer.checkpoint(None, None)
                 break
             except CheckpointError as exc:
+                if exc.error in (KclError.SHUTDOWN, KclError.INVALID_STATE):
+                    # The lease moved on: its new owner ends the shard. Exiting would stop
+                    # every other shard of this worker for nothing.
+                    log.warning("shard end not checkpointed", extra={"shard": self.shard_id, "error": exc.error.value})
+                    return
                 if exc.error is not KclError.THROTTLING or attempt == 5:
                     raise
                 time.sleep(0.5 * 2**attempt)
