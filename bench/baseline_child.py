@@ -28,7 +28,7 @@ from amazon_kclpy import kcl
 from amazon_kclpy.v3 import processor
 from boto3.dynamodb.types import TypeDeserializer
 
-from bench.fakes import CallLog, FakeClients
+from bench.fakes import CallLog, FakeClients, bench_routes
 from orders_cdc.app import Context
 from orders_cdc.change import ChangeRecord, EventName, Position, SourceFormat
 
@@ -113,17 +113,11 @@ class UsualProcessor(processor.RecordProcessorBase):
         shutdown_requested_input.checkpointer.checkpoint()
 
 
-def _noop(changes, ctx) -> None:
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.baseline_child")
     parser.add_argument("--mode", choices=("full", "route-only"), default="full")
     parser.add_argument("--calls-out")
     args = parser.parse_args(argv)
-
-    from dataclasses import replace
 
     import orjson
 
@@ -132,12 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_module.load()
     calls = CallLog()
-    routes = all_routes(settings.resources)
-    if args.mode == "route-only":
-        routes = [replace(r, handler=_noop) for r in routes]
+    routes = bench_routes(all_routes(settings.resources), args.mode, calls)
     ctx = Context(settings, FakeClients(settings, calls))
     try:
-        kcl.KCLProcess(UsualProcessor(calls.attributed(routes), ctx)).run()
+        kcl.KCLProcess(UsualProcessor(routes, ctx)).run()
     finally:
         if args.calls_out:
             with open(args.calls_out, "wb") as out:

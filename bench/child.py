@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 import orjson
 
-from bench.fakes import CallLog, FakeClients
-
-
-def _noop(changes, ctx) -> None:
-    return None
+from bench.fakes import CallLog, FakeClients, bench_routes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from orders_cdc import logs, settings as settings_module
-    from orders_cdc.app import build_processor
+    from orders_cdc.app import build_pipeline
+    from orders_cdc.checkpointing import CheckpointPolicy
+    from orders_cdc.consumer import ChangeProcessor
     from orders_cdc.kcl import protocol
     from orders_cdc.routing import Router
 
@@ -43,16 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_module.load()
     logs.setup(settings.log_level, component="processor")
     calls = CallLog()
-    processor = build_processor(settings, FakeClients(settings, calls))
-    pipeline = getattr(processor, "_pipeline", None)
-    if pipeline is not None and hasattr(pipeline, "router"):
-        routes = list(pipeline.router.routes)
-        if args.mode == "route-only":
-            routes = [replace(r, handler=_noop) for r in routes]
-        pipeline.router = Router(calls.attributed(routes))
-    elif args.mode == "route-only":
-        sys.stderr.write("bench.child: cannot find the pipeline's router; --mode route-only unavailable\n")
-        return 2
+    # The production pipeline (app.build_pipeline), with fake clients and counted routes.
+    pipeline = build_pipeline(settings, FakeClients(settings, calls))
+    pipeline.router = Router(bench_routes(pipeline.router.routes, args.mode, calls))
+    processor = ChangeProcessor(
+        pipeline, lambda: CheckpointPolicy(settings.checkpoint_every_records, settings.checkpoint_every_seconds))
 
     if args.gc_threshold:
         import gc

@@ -234,3 +234,17 @@ class FakeClients(Clients):
 
     def _client(self, service: str):
         return FakeClient(service, self.log)
+
+
+def _noop(changes, ctx) -> None:
+    return None
+
+
+def bench_routes(routes, mode: str, calls: CallLog) -> list:
+    """The routes both children run: the real ones, or (route-only) with no-op handlers;
+    wrapped so each AWS call is attributed to its route."""
+    from dataclasses import replace
+
+    if mode == "route-only":
+        routes = [replace(r, handler=_noop) for r in routes]
+    return calls.attributed(routes)
