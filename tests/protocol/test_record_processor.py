@@ -3,19 +3,15 @@ stdin, its stdout read back line by line. Downstream AWS is a real moto server."
 
 from __future__ import annotations
 
-import os
 import queue
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
-import boto3
 import orjson
 import pytest
 
-from orders_cdc.local.resources import LocalClients, ResourceNames, create_resources
 from tests.factories import kcl_record, kds_record, sequence_number
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,25 +45,10 @@ class Child:
 
 
 @pytest.fixture
-def downstream(moto_server):
-    suffix = uuid.uuid4().hex[:8]
-    names = ResourceNames(stream=f"s-{suffix}", shards=1, orders_table=f"Orders-{suffix}", dlq=f"dlq-{suffix}",
-                          refunds_queue=f"refunds-{suffix}", analytics_bucket=f"analytics-{suffix}",
-                          analytics_firehose=f"analytics-{suffix}")
-    clients = LocalClients.from_endpoints({name: moto_server for name in LocalClients.__dataclass_fields__})
-    created = create_resources(clients, names)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ORDERS_CDC_"))},
-        "AWS_ENDPOINT_URL": moto_server, "AWS_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-        "ORDERS_CDC_ORDERS_TABLE": names.orders_table,
-        "ORDERS_CDC_DLQ_QUEUE": names.dlq,
-        "ORDERS_CDC_REFUND_QUEUE": names.refunds_queue,
-        "ORDERS_CDC_FIREHOSE_STREAM": names.analytics_firehose,
-        "ORDERS_CDC_CHECKPOINT_EVERY_RECORDS": "1",
-        "ORDERS_CDC_MAX_ATTEMPTS": "2",
-        "ORDERS_CDC_RETRY_BASE_SECONDS": "0.01",
-    }
+def downstream(moto_resources):
+    names, clients, created, env = moto_resources
+    env = {**env, "ORDERS_CDC_CHECKPOINT_EVERY_RECORDS": "1", "ORDERS_CDC_MAX_ATTEMPTS": "2",
+           "ORDERS_CDC_RETRY_BASE_SECONDS": "0.01"}
     return names, clients, created, env
 
 
