@@ -209,14 +209,15 @@ def attribute(service: str, operation: str, agent: str, body: dict[str, Any] | N
         return "bridge"  # DynamoDB Streams signs as "dynamodb"
     if service == "dynamodb":
         tables = _tables(body)
+        own = tables - {names.idempotency}  # ATOMIC routes commit their markers in their own transaction
+        if own and own <= {names.order_metrics, names.product_metrics}:
+            return "metrics"
+        if own == {names.inventory}:
+            return "inventory"
         if tables & {names.idempotency}:
             return "idempotency"
         if tables == {names.orders} or (not tables and operation in ("DescribeTable", "ListTables")):
             return "writer/bridge"
-        if tables and tables <= {names.order_metrics, names.product_metrics}:
-            return "metrics"
-        if tables == {names.inventory}:
-            return "inventory"
         if tables == {names.product_orders}:
             return "views"
         return "dynamodb-other:" + ",".join(sorted(tables))

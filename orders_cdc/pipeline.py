@@ -19,7 +19,8 @@ The unit of work is a *task*, one (route, record) pair:
 DynamoDB calls this layer adds (idempotency table), per record routed:
 - every idempotent route: BatchGetItem, 1 per 100 (route, change) keys of the batch;
 - PER_CHANGE: + 1 conditional PutItem (the lock) + BatchWriteItem 1 per 25 (markers);
-- PER_BATCH: + BatchWriteItem 1 per 25 (markers): 0.05 per record in all;
+- ATOMIC: the markers ride in the route's own TransactWriteItems (100 items each, shared
+  with the counter updates): no call of their own;
 - OFF: nothing; ordered: + BatchGetItem 1 per 100 items, + 1 UpdateItem per item per batch.
 A redelivered batch costs only the reads.
 """
@@ -129,6 +130,10 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self._guard = IdempotencyGuard(self.idempotency, self.clock, self.sleep)
+        atomic = [r.name for r in self.router.routes if r.idempotency is Idempotency.ATOMIC]
+        if atomic and self.idempotency is None:
+            # Their handlers write nothing themselves: without a store nothing would be applied.
+            raise ValueError(f"ATOMIC routes need an idempotency store: {', '.join(atomic)}")
 
     def breaker_for(self, route: Route) -> CircuitBreaker:
         # Kept across batches: an open circuit stays open for the next batch too.
@@ -275,16 +280,21 @@ class Pipeline:
             log.warning("changes failed", extra={"shard": batch.shard_id, "route": route.name, "failed": len(result.failed),
                                                  "of": len(tasks), "error": repr(first), "circuit": breaker.state.value})
 
-    def _call(self, route: Route, changes: Sequence[ChangeRecord], timeout: float) -> dict[int, BaseException]:
+    def _call(self, route: Route, changes: Sequence[ChangeRecord], timeout: float) -> tuple[dict[int, BaseException], Any]:
+        output: list[Any] = [None]
+
+        def invoke() -> None:
+            output[0] = route.handler(changes, self.ctx)
+
         try:
-            self.runner(lambda: route.handler(changes, self.ctx), timeout)
+            self.runner(invoke, timeout)
         except PartialBatchFailure as partial:
-            return dict(partial.failures)
+            return dict(partial.failures), None
         except FatalProcessingError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
-            return {i: exc for i in range(len(changes))}
-        return {}
+            return {i: exc for i in range(len(changes))}, None
+        return {}, output[0]
 
     def _failed(self, task: _Task, exc: BaseException, breaker: CircuitBreaker, batch: _Batch) -> None:
         now = self.clock()

@@ -20,10 +20,11 @@ class Handler(Protocol):
     """A plain function over a batch of changes (in stream order).
 
     Return normally when all are done; raise PartialBatchFailure for some, or any
-    exception for all of them.
+    exception for all of them. An ATOMIC route's handler returns its counter updates
+    instead (see Idempotency.ATOMIC).
     """
 
-    def __call__(self, changes: Sequence[ChangeRecord], ctx: Any) -> None: ...
+    def __call__(self, changes: Sequence[ChangeRecord], ctx: Any) -> Any: ...
 
 
 ALL_EVENTS = frozenset(EventName)
@@ -34,7 +35,10 @@ class Idempotency(StrEnum):
     """How a route's reactions are kept to one per change (see pipeline.py for the cost)."""
 
     PER_CHANGE = "per_change"  # a lock per change before the handler: emails, refunds, movements
-    PER_BATCH = "per_batch"  # done-markers after the handler: batch aggregates (a crash between = redo)
+    # Counters: the handler writes nothing and returns, per change, the CounterUpdates it
+    # stands for (or an exception for a change it cannot handle); the store commits them
+    # with the change's done-marker in one transaction. Exactly once, crashes included.
+    ATOMIC = "atomic"
     OFF = "off"  # at-least-once: copies that downstream dedups, or self-guarding writes
 
 

@@ -24,11 +24,10 @@ Available to sell = on_hand - reserved.
 the image after it (what is leaving now); they differ only if one write changed both
 status and items.
 
-Each change's movements are one TransactWriteItems of ``ADD`` updates (atomic: all of an
-order's products or none, so a retry never re-applies half an order), with a
-ClientRequestToken derived from the change's event id: DynamoDB makes a retry of the same
-change within 10 minutes a no-op. A redelivery after that is not idempotent (ADD); the
-idempotency store will wrap this handler per change.
+Exactly once: the route is ATOMIC. ``settle`` writes nothing; it returns each change's
+movements as counter updates, and the idempotency store commits them with the change's
+done-marker in one TransactWriteItems (all of an order's products and its marker, or
+none; several changes share a transaction). A redelivery finds the marker.
 """
 
 from __future__ import annotations
@@ -37,11 +36,10 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
 from orders_cdc.change import ChangeRecord, EventName
-from orders_cdc.routing import Route, transition
+from orders_cdc.counters import CounterUpdate
+from orders_cdc.routing import Idempotency, Route, transition
 from orders_cdc.settings import Resources
 from processors import _order
-from processors._batch import raise_failures
-from processors._dynamodb import add_counters
 
 _UPSERTS = frozenset({EventName.INSERT, EventName.MODIFY})
 
@@ -76,27 +74,23 @@ def movements(change: ChangeRecord) -> Movements:
     return {p: {c: d for c, d in counters.items() if d} for p, counters in out.items() if any(counters.values())}
 
 
-def settle(changes: Sequence[ChangeRecord], ctx) -> None:
-    ddb = ctx.clients.dynamodb
+def settle(changes: Sequence[ChangeRecord], ctx) -> list[list[CounterUpdate] | BaseException]:
+    """Each change's movements as counter updates (an exception for a change with bad order data)."""
     table = ctx.settings.resources.inventory_table
-    failures: dict[int, BaseException] = {}
-    for i, change in enumerate(changes):
+    out: list[list[CounterUpdate] | BaseException] = []
+    for change in changes:
         try:
-            moves = movements(change)
-            if moves:
-                add_counters(
-                    ddb,
-                    [(table, {"product_id": product_id}, deltas) for product_id, deltas in moves.items()],
-                    token_seed=f"inventory|{change.event_id}",
-                )
+            out.append([CounterUpdate.of(table, {"product_id": p}, d) for p, d in movements(change).items()])
         except Exception as exc:  # noqa: BLE001 - one change's failure, classified by the pipeline
-            failures[i] = exc
-    raise_failures(failures)
+            out.append(exc)
+    return out
 
 
 def routes(resources: Resources) -> list[Route]:
     table = resources.orders_table
     return [
-        Route("inventory.shipped", table, settle, events=_UPSERTS, when=transition("status", "shipped")),
-        Route("inventory.cancelled", table, settle, events=_UPSERTS, when=transition("status", "cancelled")),
+        Route("inventory.shipped", table, settle, events=_UPSERTS, when=transition("status", "shipped"),
+              idempotency=Idempotency.ATOMIC),
+        Route("inventory.cancelled", table, settle, events=_UPSERTS, when=transition("status", "cancelled"),
+              idempotency=Idempotency.ATOMIC),
     ]

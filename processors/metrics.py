@@ -18,29 +18,25 @@ on a day; logged). Each change applies contribution(new image) - contribution(ol
   erasure request, a mistake) should not be in the numbers. A TTL REMOVE (DynamoDB expiring
   an old order) is not routed here: the order happened, it only left the hot table.
 
-Batched: the deltas of the whole batch are summed per (table, key) in memory, and only
-the non-zero sums are written, as ADD updates in TransactWriteItems of up to 100 items
-(one call for a typical batch: a few days x a few dozen products). A transaction is
-all-or-nothing, so a retried batch never re-applies half its sums; its ClientRequestToken
-(from the batch's event ids) makes a retry within 10 minutes a no-op. Not idempotent
-under redelivery (ADD): the idempotency store must drop already-applied changes *before*
-this handler, which is a pure function of the changes it is given.
+Exactly once: the route is ATOMIC. ``aggregate`` writes nothing; it returns each change's
+deltas as counter updates, and the idempotency store commits them: the updates of up to
+~90 changes summed per (table, key), with those changes' done-markers, in one
+TransactWriteItems (all or nothing). A change redelivered after a crash, however the new
+batch is cut, finds its marker and is not counted again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from orders_cdc.change import ChangeRecord
+from orders_cdc.counters import CounterUpdate
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
-from processors._batch import each, raise_failures
-from processors._dynamodb import add_counters
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +80,19 @@ def deltas(change: ChangeRecord) -> Deltas:
     return contribution(change.old_image, -1, out)
 
 
-def aggregate(changes: Sequence[ChangeRecord], ctx) -> None:
+def aggregate(changes: Sequence[ChangeRecord], ctx) -> list[list[CounterUpdate] | BaseException]:
+    """Each change's counter updates (an exception for a change with bad order data)."""
     resources = ctx.settings.resources
     tables = {ORDER: resources.order_metrics_table, PRODUCT: resources.product_metrics_table}
-    failures: dict[int, BaseException] = {}
-    per_change = each(changes, deltas, failures)  # bad order data fails only its own change
-    total: Deltas = {}
-    for change_deltas in per_change.values():
-        for key, counters in change_deltas.items():
-            for attr, value in counters.items():
-                _add(total, key, attr, value)
-    updates = []
-    for (kind, key), counters in sorted(total.items()):
-        nonzero = {attr: value for attr, value in sorted(counters.items()) if value}
-        if nonzero:
-            updates.append((tables[kind], dict(key), nonzero))
-    if updates:
-        seed = hashlib.sha256("|".join(changes[i].event_id for i in per_change).encode()).hexdigest()
+    out: list[list[CounterUpdate] | BaseException] = []
+    for change in changes:
         try:
-            add_counters(ctx.clients.dynamodb, updates, token_seed=f"metrics|{seed}")
-        except Exception as exc:  # noqa: BLE001 - the sums mix every change: all of them retry
-            failures.update({i: exc for i in per_change})
-    raise_failures(failures)
+            out.append([CounterUpdate.of(tables[kind], dict(key), nonzero)
+                        for (kind, key), counters in deltas(change).items()
+                        if (nonzero := {attr: value for attr, value in counters.items() if value})])
+        except Exception as exc:  # noqa: BLE001 - bad order data fails only its own change
+            out.append(exc)
+    return out
 
 
 def not_ttl_delete(change: ChangeRecord) -> bool:
@@ -113,6 +100,6 @@ def not_ttl_delete(change: ChangeRecord) -> bool:
 
 
 def routes(resources: Resources) -> list[Route]:
-    # One transaction of ADDs per batch: done-markers after it, not a lock per change.
+    # Summed per batch and committed with the done-markers: no lock, no call per change.
     return [Route("metrics.aggregates", resources.orders_table, aggregate, when=not_ttl_delete,
-                  idempotency=Idempotency.PER_BATCH)]
+                  idempotency=Idempotency.ATOMIC)]

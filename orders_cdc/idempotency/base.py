@@ -15,9 +15,10 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from orders_cdc.counters import MAX_TRANSACTION_ITEMS, CounterUpdate, TooManyCounters, groups, merge
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError, IdempotencyInProgressError
 
 
@@ -42,6 +43,15 @@ class IdempotencyRecord:
         return self.expired(now) or (
             self.status is Status.INPROGRESS and (self.lock_until <= now or self.owner == owner)
         )
+
+
+@dataclass
+class CommitResult:
+    """What `IdempotencyStore.commit` did with each entry (by index)."""
+
+    done: list[int] = field(default_factory=list)
+    duplicate: list[int] = field(default_factory=list)  # its marker was there: counted before
+    failed: dict[int, BaseException] = field(default_factory=dict)
 
 
 class IdempotencyStore(ABC):
@@ -80,6 +90,50 @@ class IdempotencyStore(ABC):
         if keys:
             self._delete_many(keys)
 
+    def commit(self, entries: Sequence[tuple[str, Sequence[CounterUpdate]]], now: float) -> CommitResult:
+        """Apply each (key, counter updates) entry exactly once: its updates and its
+        COMPLETED marker in the same transaction, conditional on the marker not existing.
+
+        Entries are grouped (see counters.groups); a group whose transaction finds some
+        markers already there drops those entries (DUPLICATE) and commits the rest. A group
+        that fails fails its entries only. An entry with no updates is done without a write.
+        """
+        result, seen, todo = CommitResult(), set(), []
+        for i, (key, updates) in enumerate(entries):
+            if key in seen:
+                result.duplicate.append(i)
+            elif not updates:
+                result.done.append(i)
+            elif len({u.item for u in updates}) + 1 > MAX_TRANSACTION_ITEMS:
+                result.failed[i] = TooManyCounters(
+                    f"a change touches {len({u.item for u in updates})} counters;"
+                    f" one transaction holds {MAX_TRANSACTION_ITEMS - 1}")
+            else:
+                todo.append(i)
+            seen.add(key)
+        for group in groups([entries[i][1] for i in todo]):
+            self._commit_group([todo[g] for g in group], entries, now, result)
+        return result
+
+    def _commit_group(self, members: list[int], entries, now: float, result: CommitResult) -> None:
+        while members:
+            try:
+                updates = merge(u for i in members for u in entries[i][1])
+                markers = [IdempotencyRecord(entries[i][0], Status.COMPLETED, int(now) + self.ttl_seconds)
+                           for i in members]
+                existing = self._transact(markers, updates, now)
+            except Exception as exc:  # noqa: BLE001 - classified per change by the pipeline
+                result.failed.update({i: exc for i in members})
+                return
+            if not existing:
+                result.done.extend(members)
+                return
+            left = [i for i in members if entries[i][0] not in existing]
+            if len(left) == len(members):
+                raise AssertionError(f"transaction refused for markers not in it: {sorted(existing)[:3]}")
+            result.duplicate.extend(i for i in members if entries[i][0] in existing)
+            members = left
+
     # -- backend --------------------------------------------------------------------------
 
     @abstractmethod
@@ -97,3 +151,8 @@ class IdempotencyStore(ABC):
 
     @abstractmethod
     def _delete_many(self, keys: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def _transact(self, markers: Sequence[IdempotencyRecord], updates: Sequence[CounterUpdate], now: float) -> set[str]:
+        """All or nothing: apply ``updates`` and write ``markers``, if no marker's key holds
+        an unexpired record. If some do, write nothing and return their keys."""

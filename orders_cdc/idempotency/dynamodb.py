@@ -4,6 +4,9 @@
   returns the record in the way, which saves a second read.
 - Reads are BatchGetItem, 100 keys a call, strongly consistent.
 - COMPLETED markers and lock releases are BatchWriteItem, 25 a call.
+- ATOMIC routes' markers go in the same TransactWriteItems as their counter updates, each
+  a Put conditional on no unexpired record; CancellationReasons (one per item, in order)
+  say which markers were already there.
 - ClientError codes become domain exceptions here, where AWS is called.
 
 The batch helpers are shared with the high-water-mark store (same table).
@@ -17,6 +20,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from orders_cdc.counters import CounterUpdate, transaction_error, update_action
 from orders_cdc.errors import is_retryable
 from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore, Status
 from orders_cdc.idempotency.exceptions import IdempotencyStoreConfigError, IdempotencyStoreUnavailableError
@@ -29,6 +33,7 @@ _CONFIG_CODES = frozenset({
     "ResourceNotFoundException", "AccessDeniedException", "UnrecognizedClientException",
     "ValidationException", "InvalidSignatureException", "MissingAuthenticationTokenException",
 })
+_ABSENT = "attribute_not_exists(#id) OR expires_at < :now"
 _FREE = (
     "attribute_not_exists(#id) OR expires_at < :now"
     " OR (#status = :inprogress AND (lock_until <= :now OR #owner = :owner))"
@@ -123,6 +128,37 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
 
     def _delete_many(self, keys: Sequence[str]) -> None:
         batch_write(self._ddb, self.table, [{"DeleteRequest": {"Key": {"id": {"S": k}}}} for k in keys], self._sleep)
+
+
+    def _transact(self, markers: Sequence[IdempotencyRecord], updates: Sequence[CounterUpdate], now: float) -> set[str]:
+        items = [{"Update": update_action(u)} for u in updates] + [
+            {"Put": {"TableName": self.table, "Item": _item(m), "ConditionExpression": _ABSENT,
+                     "ExpressionAttributeNames": {"#id": "id"}, "ExpressionAttributeValues": {":now": {"N": repr(now)}}}}
+            for m in markers
+        ]
+        try:
+            self._ddb.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            existing = _markers_in_the_way(exc, markers, len(updates))
+            if existing:
+                return existing
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _CONFIG_CODES - {"ValidationException"}:  # a bad number in one change is not fatal
+                raise mapped(exc, "TransactWriteItems") from exc
+            raise transaction_error(exc) from exc
+        return set()
+
+
+def _markers_in_the_way(exc: ClientError, markers: Sequence[IdempotencyRecord], n_updates: int) -> set[str]:
+    """The keys of the markers that cancelled the transaction, if nothing else did."""
+    if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+        return set()
+    reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+    if len(reasons) != n_updates + len(markers) or any(r not in (None, "None") for r in reasons[:n_updates]):
+        return set()
+    if any(r not in (None, "None", "ConditionalCheckFailed") for r in reasons[n_updates:]):
+        return set()
+    return {m.key for m, r in zip(markers, reasons[n_updates:]) if r == "ConditionalCheckFailed"}
 
 
 def _item(record: IdempotencyRecord) -> dict[str, Any]:

@@ -5,11 +5,11 @@ INPROGRESS lock; only the changes locked go to the handler; the ones it did are 
 COMPLETED (BatchWriteItem), the ones it failed are released (deleted) for the retry.
   Exactly-once in effect, except: a crash (or a handler timeout) after the side effect
   and before the COMPLETED write -> the lock's lease runs out and the change is redone.
-PER_BATCH (react, then mark): the handler gets every change not already COMPLETED; the
-ones it did are marked COMPLETED afterwards. No lock, so no per-change call: for batch
-aggregates. Exactly-once in effect, except: a crash between the handler's write and the
-markers -> redo (at-least-once), and a lease handed over mid-batch -> two workers may
-both apply (the KCL lease normally prevents that).
+ATOMIC (compute, then commit with the markers): the handler gets every change not
+already COMPLETED and returns their counter updates; the store commits each group of
+changes' updates together with their markers in one transaction, conditional on the
+markers being absent (see IdempotencyStore.commit). Exactly once, crashes, timeouts and
+concurrent workers included: a marker found in the way makes that change a DUPLICATE.
 OFF: the handler is called as is (at-least-once).
 
 Markers are durable before `run` returns, so the checkpoint never passes a reaction whose
@@ -22,10 +22,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from orders_cdc.change import ChangeRecord
-from orders_cdc.errors import DeferredError, FatalProcessingError, HandlerTimeout, is_transient
+from orders_cdc.errors import DeferredError, FatalProcessingError, HandlerTimeout, PermanentError, is_transient
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError
 from orders_cdc.routing import Idempotency, Route
@@ -33,8 +33,9 @@ from orders_cdc.routing import Idempotency, Route
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The handler call: changes -> {index in that list: exception}; an index left out is done.
-Call = Callable[[Sequence[ChangeRecord]], dict[int, BaseException]]
+# The handler call: changes -> ({index in that list: exception}, what the handler returned);
+# an index left out of the exceptions is done (ATOMIC: computed, to be committed).
+Call = Callable[[Sequence[ChangeRecord]], tuple[dict[int, BaseException], Any]]
 
 
 @dataclass
@@ -65,18 +66,39 @@ class IdempotencyGuard:
         mode = self.mode(route)
         if mode is Idempotency.OFF:
             return _plain(changes, call)
+        if mode is Idempotency.ATOMIC:
+            return self._atomic(changes, keys, call)
         result = CallResult()
-        chosen = list(range(len(changes)))
-        if mode is Idempotency.PER_CHANGE:
-            chosen = self._lock(keys, result)
-        failures = call([changes[i] for i in chosen]) if chosen else {}
+        chosen = self._lock(keys, result)
+        failures = call([changes[i] for i in chosen])[0] if chosen else {}
         done = [i for j, i in enumerate(chosen) if j not in failures]
         result.done = done
         for j, exc in failures.items():
             result.failed[chosen[j]] = exc
         durably("mark reactions done", lambda: self.store.save_success([keys[i] for i in done], self.clock()), self.sleep)
-        if mode is Idempotency.PER_CHANGE:
-            self._release(keys, {chosen[j]: exc for j, exc in failures.items()})
+        self._release(keys, {chosen[j]: exc for j, exc in failures.items()})
+        return result
+
+    def _atomic(self, changes: Sequence[ChangeRecord], keys: Sequence[str | None], call: Call) -> CallResult:
+        failures, output = call(changes)
+        result = CallResult(failed=dict(failures))
+        if len(failures) == len(changes):
+            return result
+        if not isinstance(output, Sequence) or len(output) != len(changes):
+            bug = PermanentError(f"an ATOMIC handler must return one entry per change, got {type(output).__name__}")
+            return CallResult(failed={i: failures.get(i, bug) for i in range(len(changes))})
+        todo = []
+        for i, updates in enumerate(output):
+            if i in failures:
+                continue
+            if isinstance(updates, BaseException):
+                result.failed[i] = updates
+            else:
+                todo.append(i)
+        committed = self.store.commit([(keys[i], output[i]) for i in todo], self.clock())
+        result.done = [todo[j] for j in committed.done]
+        result.duplicate = [todo[j] for j in committed.duplicate]
+        result.failed.update({todo[j]: exc for j, exc in committed.failed.items()})
         return result
 
     def _lock(self, keys: Sequence[str | None], result: CallResult) -> list[int]:
@@ -132,5 +154,5 @@ def durably(what: str, fn: Callable[[], T], sleep: Callable[[float], None], atte
 
 
 def _plain(changes: Sequence[ChangeRecord], call: Call) -> CallResult:
-    failures = call(changes)
+    failures, _ = call(changes)
     return CallResult(done=[i for i in range(len(changes)) if i not in failures], failed=dict(failures))

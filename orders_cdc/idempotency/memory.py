@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 
+from orders_cdc.counters import CounterUpdate, ItemKey
 from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore
 
 
@@ -14,6 +16,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         super().__init__(**kwargs)
         self.records: dict[str, IdempotencyRecord] = {}
         self.calls: Counter[str] = Counter()  # backend method -> calls, to check batching
+        self.counters: dict[ItemKey, dict[str, Decimal]] = {}  # what ATOMIC routes committed
         self._lock = threading.Lock()  # handlers run in worker threads
 
     def _get_many(self, keys: Sequence[str]) -> Mapping[str, IdempotencyRecord]:
@@ -40,3 +43,16 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         with self._lock:
             for key in keys:
                 self.records.pop(key, None)
+
+    def _transact(self, markers: Sequence[IdempotencyRecord], updates: Sequence[CounterUpdate], now: float) -> set[str]:
+        self.calls["transact"] += 1
+        with self._lock:
+            existing = {m.key for m in markers if m.key in self.records and not self.records[m.key].expired(now)}
+            if existing:
+                return existing
+            for update in updates:
+                counters = self.counters.setdefault(update.item, {})
+                for attr, delta in update.deltas:
+                    counters[attr] = counters.get(attr, Decimal(0)) + delta
+            self.records.update({m.key: m for m in markers})
+            return set()

@@ -20,6 +20,9 @@ from orders_cdc.app import Clients, Context
 from orders_cdc.change import ChangeRecord, Position, decode_kinesis_data
 from orders_cdc.deadletter import InMemoryDeadLetterSink
 from orders_cdc.errors import PartialBatchFailure, PermanentError, RetryableError, is_retryable
+from orders_cdc.idempotency import reaction_key
+from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
+from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.local.resources import LocalClients, ResourceNames, create_resources
 from orders_cdc.pipeline import Outcome, Pipeline
 from orders_cdc.retry import RetryPolicy
@@ -160,10 +163,20 @@ class Stack:
             out += [json.loads(line, parse_float=Decimal) for line in body.splitlines() if line.strip()]
         return out
 
+    def apply(self, route_name: str, changes: list[ChangeRecord]) -> CallResult:
+        """One call of an ATOMIC route, committed the way the pipeline does (guard + the
+        DynamoDB idempotency store): its counter updates with their done-markers."""
+        route = next(r for r in all_routes(self.settings.resources) if r.name == route_name)
+        store = DynamoDbIdempotencyStore(self.ctx.clients.dynamodb, self.names.idempotency_table)
+        keys = [reaction_key(route.name, c) for c in changes]
+        return IdempotencyGuard(store).run(route, changes, keys, lambda cs: ({}, route.handler(cs, self.ctx)))
+
     def pipeline(self) -> tuple[Pipeline, InMemoryDeadLetterSink]:
         dlq = InMemoryDeadLetterSink()
+        store = DynamoDbIdempotencyStore(self.ctx.clients.dynamodb, self.names.idempotency_table)
         return Pipeline(router=Router(all_routes(self.settings.resources)), ctx=self.ctx, dead_letters=dlq,
-                        retry=RetryPolicy(max_attempts=2, base_seconds=0, max_seconds=0), sleep=lambda s: None), dlq
+                        retry=RetryPolicy(max_attempts=2, base_seconds=0, max_seconds=0), sleep=lambda s: None,
+                        idempotency=store), dlq
 
 
 @pytest.fixture
@@ -351,30 +364,36 @@ def test_inventory_settles_atomically_per_change_and_restores_on_cancel(stack):
     shipped = modify(order("o-200", "processing", items=two_lines_same_product), status="shipped")
     released = modify(order("o-201", "pending", items=(("p-1", "Kettle", 1, "39.90"),)), status="cancelled")
     returned = modify(order("o-202", "shipped", items=(("p-2", "Mug", 1, "8.99"),)), status="cancelled")
-    inventory.settle([shipped, released, returned], stack.ctx)
+    result = stack.apply("inventory.shipped", [shipped, released, returned])
+    assert (result.done, result.failed) == ([0, 1, 2], {})
     assert stack.inventory() == {
         # 10 on hand, 5 reserved; 3 ship (reservation consumed), 1 reservation released
         "p-1": {"on_hand": Decimal(7), "reserved": Decimal(1), "shipped": Decimal(3)},
-        # 1 ships, then another order's 1 comes back
-        "p-2": {"on_hand": Decimal(0), "reserved": Decimal(-1), "shipped": Decimal(0)},
+        # 1 ships, then another order's 1 comes back: summed in one transaction, the net 0
+        # of on_hand and shipped is not written (an absent counter reads as 0)
+        "p-2": {"reserved": Decimal(-1)},
     }
-    assert stack.calls == Counter({"TransactWriteItems": 3}), "one transaction per change"
+    assert stack.calls == Counter({"TransactWriteItems": 1}), "the three changes and their markers: one transaction"
+    again = stack.apply("inventory.shipped", [shipped, released, returned])
+    assert again.duplicate == [0, 1, 2] and stack.inventory()["p-1"]["on_hand"] == 7, "a redelivery moves nothing"
 
 
-def test_inventory_failure_is_reported_for_that_change_only(stack):
-    def fail_second(n, kwargs, real):
-        if n == 2:
-            raise ClientError({"Error": {"Code": "TransactionCanceledException", "Message": "x"},
-                               "CancellationReasons": [{"Code": "TransactionConflict"}]}, "TransactWriteItems")
-        return real(**kwargs)
+def test_inventory_bad_order_data_fails_alone_and_a_conflict_is_retried(stack):
+    bad = order("o-211", "processing")
+    bad["items"][0]["quantity"] = "two"
+    batch = [modify(order("o-210", "processing"), status="shipped"), modify(bad, status="shipped")]
+    result = stack.apply("inventory.shipped", batch)
+    assert result.done == [0] and list(result.failed) == [1] and isinstance(result.failed[1], OrderDataError)
+    assert stack.inventory()["p-1"] == {"on_hand": Decimal(-2), "reserved": Decimal(-2), "shipped": Decimal(2)}
 
-    inject(stack, "dynamodb", "transact_write_items", fail_second)
-    batch = [modify(order(f"o-21{i}", "processing"), status="shipped") for i in range(3)]
-    with pytest.raises(PartialBatchFailure) as failed:
-        inventory.settle(batch, stack.ctx)
-    assert list(failed.value.failures) == [1]
-    assert isinstance(failed.value.failures[1], RetryableError), "a transaction conflict is retried"
-    assert stack.inventory()["p-1"] == {"on_hand": Decimal(-4), "reserved": Decimal(-4), "shipped": Decimal(4)}
+    def conflict(n, kwargs, real):
+        raise ClientError({"Error": {"Code": "TransactionCanceledException", "Message": "x"},
+                           "CancellationReasons": [{"Code": "TransactionConflict"}, {"Code": "None"}]},
+                          "TransactWriteItems")
+
+    inject(stack, "dynamodb", "transact_write_items", conflict)
+    result = stack.apply("inventory.shipped", [modify(order("o-212", "processing"), status="shipped")])
+    assert list(result.failed) == [0] and isinstance(result.failed[0], RetryableError), "a conflict is retried"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,14 +454,14 @@ def test_metrics_follow_an_order_through_edit_cancel_and_remove(stack):
     edited = order("o-500", items=(("p-1", "Kettle", 1, "39.90"), ("p-3", "Tin", 3, "12.00")))
     cancelled = {**edited, "status": "cancelled", "cancel_reason": "changed mind"}
 
-    metrics.aggregate([insert(created)], stack.ctx)
+    stack.apply("metrics.aggregates", [insert(created)])
     assert stack.order_metrics() == {DAY: {"order_count": 1, "revenue": Decimal("88.79")}}
     assert stack.product_metrics() == {
         ("p-1", DAY): {"units": 2, "revenue": Decimal("79.80")},
         ("p-2", DAY): {"units": 1, "revenue": Decimal("8.99")},
     }
 
-    metrics.aggregate([change("MODIFY", edited, created)], stack.ctx)  # items changed: new - old
+    stack.apply("metrics.aggregates", [change("MODIFY", edited, created)])  # items changed: new - old
     assert stack.order_metrics() == {DAY: {"order_count": 1, "revenue": Decimal("75.90")}}
     assert stack.product_metrics() == {
         ("p-1", DAY): {"units": 1, "revenue": Decimal("39.90")},
@@ -450,24 +469,24 @@ def test_metrics_follow_an_order_through_edit_cancel_and_remove(stack):
         ("p-3", DAY): {"units": 3, "revenue": Decimal("36.00")},
     }
 
-    metrics.aggregate([change("MODIFY", cancelled, edited)], stack.ctx)  # the order's sales leave
+    stack.apply("metrics.aggregates", [change("MODIFY", cancelled, edited)])  # the order's sales leave
     assert stack.order_metrics() == {DAY: {"order_count": 0, "revenue": Decimal("0.00"), "cancelled_count": 1}}
     assert all(v == {"units": 0, "revenue": 0} for v in stack.product_metrics().values())
 
     stack.calls.clear()
-    metrics.aggregate([remove(cancelled)], stack.ctx)  # deleting the cancelled order: not a cancellation any more
+    stack.apply("metrics.aggregates", [remove(cancelled)])  # deleting the cancelled order: not a cancellation any more
     assert stack.order_metrics() == {DAY: {"order_count": 0, "revenue": Decimal("0.00"), "cancelled_count": 0}}
     assert stack.calls == Counter({"TransactWriteItems": 1}), "product rows had nothing left to change"
 
 
 def test_removing_a_live_order_subtracts_it_and_a_status_edit_writes_nothing(stack):
     live = order("o-510", "processing", created_at="2024-07-16T23:59:59.999999Z")
-    metrics.aggregate([insert(live), modify(live, status="shipped")], stack.ctx)
+    stack.apply("metrics.aggregates", [insert(live), modify(live, status="shipped")])
     assert stack.order_metrics() == {"2024-07-16": {"order_count": 1, "revenue": Decimal("79.80")}}
     stack.calls.clear()
-    metrics.aggregate([modify(live, status="shipped", updated_at="2024-07-17T00:00:00Z")], stack.ctx)
+    stack.apply("metrics.aggregates", [modify(live, status="shipped", updated_at="2024-07-17T00:00:00Z")])
     assert stack.calls == Counter(), "no delta, no call"
-    metrics.aggregate([remove(live)], stack.ctx)
+    stack.apply("metrics.aggregates", [remove(live)])
     assert stack.order_metrics() == {"2024-07-16": {"order_count": 0, "revenue": Decimal("0.00")}}
     assert stack.product_metrics() == {("p-1", "2024-07-16"): {"units": 0, "revenue": Decimal("0.00")}}
 
@@ -479,8 +498,9 @@ def test_metrics_sum_a_batch_in_memory_first(stack):
         p, name, price = products[i % 3]
         day = "2024-07-15" if i < 200 else "2024-07-16"
         batch.append(insert(order(f"o-6{i:03d}", items=((p, name, 1 + i % 2, price),), created_at=f"{day}T12:00:00Z")))
-    metrics.aggregate(batch, stack.ctx)
-    assert stack.calls == Counter({"TransactWriteItems": 1})
+    stack.apply("metrics.aggregates", batch)
+    # 8 counters (3 products x 2 days + 2 days) + 92 markers per transaction: 300 changes in 4
+    assert stack.calls == Counter({"TransactWriteItems": 4})
     assert stack.calls.total() / len(batch) <= 0.1
     expected_orders: dict[str, dict] = {}
     expected_products: dict[tuple, dict] = {}
@@ -502,24 +522,22 @@ def test_bad_order_data_fails_alone_and_an_undated_order_is_not_counted(stack):
     bad = order("o-701")
     bad["items"][0]["quantity"] = "two"
     batch = [insert(order("o-700")), insert(bad), insert(order("o-702", created_at=None))]
-    with pytest.raises(PartialBatchFailure) as failed:
-        metrics.aggregate(batch, stack.ctx)
-    assert list(failed.value.failures) == [1]
-    assert isinstance(failed.value.failures[1], OrderDataError)
+    result = stack.apply("metrics.aggregates", batch)
+    assert result.done == [2, 0] and list(result.failed) == [1], "the undated order has nothing to commit"
+    assert isinstance(result.failed[1], OrderDataError)
     assert stack.order_metrics() == {DAY: {"order_count": 1, "revenue": Decimal("79.80")}}
 
 
-def test_a_failed_metrics_write_fails_the_whole_batch(stack):
-    """The sums mix every change of the batch, so all of them are retried together."""
+def test_a_failed_metrics_write_fails_the_changes_committed_together(stack):
+    """The sums mix every change of a transaction, so all of them are retried together."""
     def throttle(n, kwargs, real):
         raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"}},
                           "TransactWriteItems")
 
     inject(stack, "dynamodb", "transact_write_items", throttle)
-    with pytest.raises(PartialBatchFailure) as failed:
-        metrics.aggregate([insert(order("o-710")), insert(order("o-711", created_at=None))], stack.ctx)
-    assert list(failed.value.failures) == [0, 1]
-    assert all(is_retryable(e) for e in failed.value.failures.values())
+    result = stack.apply("metrics.aggregates", [insert(order("o-710")), insert(order("o-711"))])
+    assert list(result.failed) == [0, 1] and all(is_retryable(e) for e in result.failed.values())
+    assert stack.order_metrics() == {}
 
 
 # ---------------------------------------------------------------------------------------------

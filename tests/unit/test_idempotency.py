@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from decimal import Decimal
 
 import boto3
 import orjson
@@ -12,7 +13,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from orders_cdc.change import decode_kinesis_data
-from orders_cdc.errors import FatalProcessingError, RetryableError
+from orders_cdc.counters import CounterUpdate, TooManyCounters
+from orders_cdc.errors import FatalProcessingError, RetryableError, is_retryable
 from orders_cdc.idempotency import (
     IdempotencyAlreadyCompletedError,
     IdempotencyInProgressError,
@@ -55,7 +57,7 @@ def make_store(request):
 
         def make(owner="me"):
             store = InMemoryIdempotencyStore(lock_seconds=30, ttl_seconds=3600, owner=owner)
-            store.records = shared.records
+            store.records, store.counters = shared.records, shared.counters
             return store
 
         return make
@@ -216,3 +218,73 @@ def test_streams_format_keys_add_the_event_id():
 def test_reaction_key_is_per_route():
     assert reaction_key("email", change()) != reaction_key("refund", change())
     assert reaction_key("email", change()).startswith("email#")
+
+
+# ---------------------------------------------------------------------------------------------
+# ATOMIC commits: counter updates and their done-markers in one transaction
+
+
+def add(key: str, n: int, table: str, counter: str = "counter#1") -> list[CounterUpdate]:
+    return [CounterUpdate.of(table, {"id": counter}, {"n": Decimal(n)})]
+
+
+def counter_of(store, table: str, counter: str = "counter#1") -> int:
+    if isinstance(store, InMemoryIdempotencyStore):
+        return int(store.counters.get((table, (("id", counter),)), {}).get("n", 0))
+    item = store._ddb.get_item(TableName=table, Key={"id": {"S": counter}}, ConsistentRead=True).get("Item", {})
+    return int(item.get("n", {}).get("N", 0))
+
+
+def counter_table(store) -> str:
+    # The counters live in the idempotency table itself here (its key is `id` too).
+    return getattr(store, "table", "Counters")
+
+
+def test_commit_applies_each_entry_once_with_its_marker(make_store):
+    store, other = make_store(), make_store("other")
+    t = counter_table(store)
+    first = store.commit([("m#1", add("m#1", 1, t)), ("m#2", add("m#2", 2, t))], NOW)
+    assert (first.done, first.duplicate, first.failed) == ([0, 1], [], {})
+    assert store.completed(["m#1", "m#2"], NOW) == {"m#1", "m#2"}
+    # Another worker (or a restarted child) commits a group that overlaps: the marker in the
+    # way drops m#2 from the transaction and the rest is committed.
+    second = other.commit([("m#2", add("m#2", 2, t)), ("m#3", add("m#3", 4, t))], NOW + 1)
+    assert (second.done, second.duplicate, second.failed) == ([1], [0], {})
+    assert counter_of(store, t) == 1 + 2 + 4
+
+
+def test_an_expired_marker_does_not_block_a_commit(make_store):
+    store = make_store()
+    t = counter_table(store)
+    store.commit([("m#1", add("m#1", 1, t))], NOW)
+    assert store.commit([("m#1", add("m#1", 1, t))], NOW + 3600 + 1).done == [0], "past the TTL: a new change"
+    assert counter_of(store, t) == 2
+
+
+def test_a_change_too_big_for_one_transaction_fails_alone(make_store):
+    store = make_store()
+    t = counter_table(store)
+    huge = [u for i in range(100) for u in add("m#1", 1, t, counter=f"counter#{i}")]
+    result = store.commit([("m#1", huge), ("m#2", add("m#2", 5, t)), ("m#3", [])], NOW)
+    assert isinstance(result.failed[0], TooManyCounters) and not is_retryable(result.failed[0])
+    assert (result.done, result.duplicate) == ([2, 1], [])
+    assert counter_of(store, t) == 5
+    assert store.completed(["m#1", "m#2", "m#3"], NOW) == {"m#2"}, "nothing to write, no marker"
+
+
+def test_dynamodb_commits_are_grouped_100_items_a_transaction(table):
+    client, name = table
+    store = DynamoDbIdempotencyStore(client, name, ttl_seconds=3600)
+    calls = counting(client)
+    # 150 changes over 10 counters: 90 markers + 10 counters, then 60 + 10.
+    entries = [(f"m#{i}", add(f"m#{i}", 1, name, counter=f"counter#{i % 10}")) for i in range(150)]
+    result = store.commit(entries, NOW)
+    assert sorted(result.done) == list(range(150)) and dict(calls) == {"TransactWriteItems": 2}
+    assert sum(counter_of(store, name, f"counter#{i}") for i in range(10)) == 150
+
+
+def test_a_commit_to_a_missing_table_is_fatal(table):
+    client, name = table
+    store = DynamoDbIdempotencyStore(client, name, ttl_seconds=3600)
+    result = store.commit([("m#1", add("m#1", 1, f"missing-{uuid.uuid4().hex[:8]}"))], NOW)
+    assert isinstance(result.failed[0], FatalProcessingError), "never dead-letter every record for a missing table"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import threading
 import uuid
+from decimal import Decimal
 
 import pytest
 
+from orders_cdc.counters import CounterUpdate
 from orders_cdc.deadletter import InMemoryDeadLetterSink
 from orders_cdc.errors import FatalProcessingError, PartialBatchFailure, PermanentError, RetryableError
 from orders_cdc.idempotency import IdempotencyStoreUnavailableError, reaction_key
@@ -119,15 +121,69 @@ def test_a_lock_held_elsewhere_waits_for_its_lease_without_spending_attempts():
     assert sum(clock.slept) == pytest.approx(60), "until the crashed worker's lease ended"
 
 
-def test_per_batch_routes_mark_after_the_handler_and_take_no_locks():
-    metrics = Reactions()
-    p, store, _ = make([Route("metrics", "Orders", metrics, idempotency=Idempotency.PER_BATCH)])
-    p.process(batch(*[shipped(f"o-{i}") for i in range(60)]), "s")
-    assert metrics.seen == [[f"o-{i}" for i in range(60)]], "one call for the batch"
-    assert store.calls == {"get_many": 1, "put_many": 1}
+class Counts:
+    """A pure ATOMIC handler: each change adds 1 to its order's counter (an order id in
+    `bad` returns an error for that change instead)."""
+
+    def __init__(self, bad=None, table="Counts"):
+        self.seen: list[list[str]] = []
+        self.bad = dict(bad or {})
+        self.table = table
+
+    def __call__(self, changes, ctx):
+        self.seen.append([c.keys["order_id"] for c in changes])
+        return [self.bad.get(c.keys["order_id"])
+                or [CounterUpdate.of(self.table, {"order_id": c.keys["order_id"]}, {"n": Decimal(1)})]
+                for c in changes]
+
+
+def counted(store):
+    return {dict(key)["order_id"]: int(c["n"]) for (_, key), c in store.counters.items()}
+
+
+def test_atomic_routes_commit_counters_with_their_markers_in_one_call_and_take_no_locks():
+    counts = Counts()
+    p, store, _ = make([Route("metrics", "Orders", counts, idempotency=Idempotency.ATOMIC)])
+    results = p.process(batch(*[shipped(f"o-{i}") for i in range(50)]), "s")
+    assert {r.outcome for r in results} == {Outcome.DONE}
+    assert counts.seen == [[f"o-{i}" for i in range(50)]], "one handler call for the batch"
+    assert store.calls == {"get_many": 1, "transact": 1}, "no lock; 50 counters + 50 markers: one transaction"
+    assert counted(store) == {f"o-{i}": 1 for i in range(50)}
     assert {r.status for r in store.records.values()} == {Status.COMPLETED}
-    again = p.process(batch(*[shipped(f"o-{i}") for i in range(60)], start=100), "s")
-    assert {r.outcome for r in again} == {Outcome.DUPLICATE} and len(metrics.seen) == 1
+    again = p.process(batch(*[shipped(f"o-{i}") for i in range(50)], start=100), "s")
+    assert {r.outcome for r in again} == {Outcome.DUPLICATE} and len(counts.seen) == 1
+
+
+def test_a_child_killed_after_its_commit_counts_nothing_twice_however_the_redelivery_is_cut():
+    """The kill -9 case: changes 0-39 committed, the child died before its checkpoint; the
+    restarted child (a new owner) gets 20-59 in one batch. Each change counts once."""
+    store = InMemoryIdempotencyStore(lock_seconds=90, owner="first")
+    first, _, _ = make([Route("metrics", "Orders", Counts(), idempotency=Idempotency.ATOMIC)], store=store)
+    first.process(batch(*[shipped(f"o-{i}") for i in range(40)]), "s")
+    restarted_store = InMemoryIdempotencyStore(lock_seconds=90, owner="restarted")
+    restarted_store.records, restarted_store.counters = store.records, store.counters
+    counts = Counts()
+    restarted, _, _ = make([Route("metrics", "Orders", counts, idempotency=Idempotency.ATOMIC)], store=restarted_store)
+    results = restarted.process(batch(*[shipped(f"o-{i}") for i in range(20, 60)], start=21), "s")
+    assert [r.outcome for r in results] == [Outcome.DUPLICATE] * 20 + [Outcome.DONE] * 20
+    assert counts.seen == [[f"o-{i}" for i in range(40, 60)]]
+    assert counted(store) == {f"o-{i}": 1 for i in range(60)}
+
+
+def test_an_atomic_change_that_fails_is_retried_alone_and_the_rest_commit():
+    dlq = InMemoryDeadLetterSink()
+    counts = Counts(bad={"o-1": PermanentError("bad order data")})
+    p, store, _ = make([Route("metrics", "Orders", counts, idempotency=Idempotency.ATOMIC)], dlq=dlq)
+    results = p.process(batch(*[shipped(f"o-{i}") for i in range(3)]), "s")
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.DEAD_LETTERED, Outcome.DONE]
+    assert counted(store) == {"o-0": 1, "o-2": 1}
+    assert dlq.letters[0].reason == "bad order data"
+
+
+def test_an_atomic_route_without_a_store_is_refused_at_start():
+    with pytest.raises(ValueError, match="ATOMIC routes need an idempotency store: metrics"):
+        Pipeline(router=Router([Route("metrics", "Orders", Counts(), idempotency=Idempotency.ATOMIC)]), ctx=None,
+                 dead_letters=InMemoryDeadLetterSink())
 
 
 def test_routes_without_idempotency_never_touch_the_store():
@@ -144,7 +200,7 @@ def test_markers_that_cannot_be_written_stop_the_batch_unacknowledged():
         def _put_many(self, records):
             raise IdempotencyStoreUnavailableError("throttled")
 
-    p, _, _ = make([Route("metrics", "Orders", Reactions(), idempotency=Idempotency.PER_BATCH)], store=Down())
+    p, _, _ = make([Route("email", "Orders", Reactions())], store=Down())
     with pytest.raises(FatalProcessingError, match="mark reactions done"):
         p.process(batch(shipped("o-1")), "s")
 
@@ -185,13 +241,21 @@ def ddb_store(moto_server):
     return DynamoDbIdempotencyStore(client, name, lock_seconds=90), counting(client)
 
 
-def test_batch_routes_cost_under_a_tenth_of_a_call_per_record(ddb_store):
+def test_atomic_routes_cost_under_a_tenth_of_a_call_per_record(ddb_store):
+    """500 changes of 500 orders: 100 items per transaction = 50 counters + 50 markers."""
     store, calls = ddb_store
-    p, _, _ = make([Route("metrics", "Orders", Reactions(), idempotency=Idempotency.PER_BATCH),
+    counts = f"Counts-{uuid.uuid4().hex[:8]}"
+    store._ddb.create_table(TableName=counts, KeySchema=[{"AttributeName": "order_id", "KeyType": "HASH"}],
+                            AttributeDefinitions=[{"AttributeName": "order_id", "AttributeType": "S"}],
+                            BillingMode="PAY_PER_REQUEST")
+    calls.clear()
+    p, _, _ = make([Route("metrics", "Orders", Counts(table=counts), idempotency=Idempotency.ATOMIC),
                     Route("copy", "Orders", Reactions(), idempotency=Idempotency.OFF)], store=store)
     p.process(batch(*[shipped(f"o-{i}") for i in range(500)]), "s")
-    assert dict(calls) == {"BatchGetItem": 5, "BatchWriteItem": 20}
+    assert dict(calls) == {"BatchGetItem": 5, "TransactWriteItems": 10}
     assert sum(calls.values()) / 500 <= 0.1
+    items = store._ddb.scan(TableName=counts)["Items"]
+    assert sorted((i["order_id"]["S"], i["n"]["N"]) for i in items) == sorted((f"o-{i}", "1") for i in range(500))
 
 
 def test_per_change_routes_cost_one_lock_per_change_plus_batched_reads_and_markers(ddb_store):
@@ -272,11 +336,12 @@ def test_the_wired_processor_reacts_once_to_a_redelivered_batch(moto_server):
     calls.clear()
     processor.process_records(batch(*docs("b"), start=10), 0, NoCheckpoints())  # KDS duplicates
     assert processor.totals["done"] == 6, "the copies to Firehose are at-least-once: still done"
-    # metrics x3, the shipped email, inventory (shipped, cancelled), the refund
-    assert processor.totals["duplicate_reactions"] == 7
+    # metrics x2, the shipped email, inventory (shipped, cancelled), the refund; the
+    # pending -> shipped edit changes no metric: nothing was committed, so no marker either
+    assert processor.totals["duplicate_reactions"] == 6
     assert first["SendEmail"] == 1 and "SendEmail" not in calls
     assert first["SendMessageBatch"] == 1 and "SendMessageBatch" not in calls, "no second refund request"
     assert "TransactWriteItems" not in calls, "no second inventory movement or metric increment"
     assert calls["PutRecordBatch"] == 2, "analytics and audit copies again (downstream dedups)"
     assert calls["BatchGetItem"] == 1, "duplicates found in one read"
-    assert calls["PutItem"] == first["PutItem"] - 4 == 3, "no locks taken; what is left is the view's own guarded writes"
+    assert calls["PutItem"] == first["PutItem"] - 2 == 3, "no locks taken; what is left is the view's own guarded writes"
