@@ -36,7 +36,6 @@ import zlib
 import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from boto3.dynamodb.types import TypeSerializer
 from bench.common import ROOT, WORK, median, percentile
 from bench.fakes import key_routes
 from bench.orders import Change, OrderTraffic
+from orders_cdc.settings import Resources
 
 STACK_ROOT = WORK / "stack"
 _STREAMS_OPERATIONS = frozenset({"DescribeStream", "GetRecords", "GetShardIterator", "ListStreams"})
@@ -161,19 +161,7 @@ def classify(entry: dict[str, Any]) -> tuple[str, str, str, dict[str, Any] | Non
     return service, f"{entry.get('method')} {urllib.parse.urlparse(entry.get('url', '')).path}", agent, None
 
 
-@dataclass
-class Names:
-    orders: str
-    inventory: str
-    product_orders: str
-    order_metrics: str
-    product_metrics: str
-    idempotency: str
-    refunds_queue: str
-    dlq: str
-
-
-def attribute(service: str, operation: str, agent: str, body: dict[str, Any] | None, names: Names) -> str:
+def attribute(service: str, operation: str, agent: str, body: dict[str, Any] | None, names: Resources) -> str:
     """Which part of the system made this request."""
     if agent == "java":
         return "kcl-daemon"
@@ -200,25 +188,25 @@ def attribute(service: str, operation: str, agent: str, body: dict[str, Any] | N
         url = str(body.get("QueueUrl", ""))
         if operation == "GetQueueUrl":
             return "processor start-up"
-        if url.endswith("/" + names.refunds_queue):
+        if url.endswith("/" + names.refund_queue):
             return "refunds"
-        if url.endswith("/" + names.dlq):
+        if url.endswith("/" + names.dlq_queue):
             return "dead-letters"
         return "sqs-other"
     if service == "dynamodb" and operation in _STREAMS_OPERATIONS:
         return "bridge"  # DynamoDB Streams signs as "dynamodb"
     if service == "dynamodb":
         tables = _tables(body)
-        own = tables - {names.idempotency}  # ATOMIC routes commit their markers in their own transaction
-        if own and own <= {names.order_metrics, names.product_metrics}:
+        own = tables - {names.idempotency_table}  # ATOMIC routes commit their markers in their own transaction
+        if own and own <= {names.order_metrics_table, names.product_metrics_table}:
             return "metrics"
-        if own == {names.inventory}:
+        if own == {names.inventory_table}:
             return "inventory"
-        if tables & {names.idempotency}:
+        if tables & {names.idempotency_table}:
             return "idempotency"
-        if tables == {names.orders} or (not tables and operation in ("DescribeTable", "ListTables")):
+        if tables == {names.orders_table} or (not tables and operation in ("DescribeTable", "ListTables")):
             return "writer/bridge"
-        if tables == {names.product_orders}:
+        if tables == {names.product_orders_table}:
             return "views"
         return "dynamodb-other:" + ",".join(sorted(tables))
     if service == "s3":
@@ -353,7 +341,6 @@ def run(n: int = 1000, rate: float = 50.0, low_n: int = 100, low_rate: float = 5
     then ``n`` at ``rate``/s (the headline, and B4). Returns (B3, B4)."""
     from orders_cdc.local.runner import LocalRun, LocalRunConfig
     from orders_cdc.local.stack import LocalStackConfig, free_port, stop_stale
-    from orders_cdc.settings import Resources
 
     stop_stale(STACK_ROOT)  # a bench stack left by a crashed run (ours only: this root's marker)
     STACK_ROOT.mkdir(parents=True, exist_ok=True)
@@ -364,9 +351,6 @@ def run(n: int = 1000, rate: float = 50.0, low_n: int = 100, low_rate: float = 5
     idle_ms = int(props.get("idleTimeBetweenReadsInMillis", "1000"))
     names = cfg.names
     resources = Resources()  # the children run with the default names, which the local stack uses
-    table_names = Names(names.orders_table, names.inventory_table, names.product_orders_table,
-                        names.order_metrics_table, names.product_metrics_table, names.idempotency_table,
-                        names.refunds_queue, names.dlq)
     started = time.monotonic()
     serializer = TypeSerializer()
     phases: dict[str, dict[str, Any]] = {}
@@ -397,7 +381,7 @@ def run(n: int = 1000, rate: float = 50.0, low_n: int = 100, low_rate: float = 5
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no change reached the processor in {lease_timeout:.0f}s; see {daemon.log_path}")
             for entry in recording.new_entries():
-                if attribute(*classify(entry), table_names) == "analytics":
+                if attribute(*classify(entry), names) == "analytics":
                     warmed = True
             time.sleep(0.5)
         lease_s = time.monotonic() - started
@@ -431,7 +415,7 @@ def run(n: int = 1000, rate: float = 50.0, low_n: int = 100, low_rate: float = 5
                 for entry in recording.new_entries():
                     entries.append(entry)
                     service, op, agent, body = classify(entry)
-                    if attribute(service, op, agent, body, table_names) != "analytics":
+                    if attribute(service, op, agent, body, names) != "analytics":
                         continue
                     for record in body["Records"]:
                         for line in base64.b64decode(record["Data"]).splitlines():
@@ -516,7 +500,7 @@ def run(n: int = 1000, rate: float = 50.0, low_n: int = 100, low_rate: float = 5
     sent: Counter[str] = Counter()
     for entry in phases["main"]["entries"]:
         service, op, agent, body = classify(entry)
-        part = attribute(service, op, agent, body, table_names)
+        part = attribute(service, op, agent, body, names)
         by_part[part][f"{service}.{op}"] += 1
         sent[part] += _entries(op, body)
         if part == "idempotency":

@@ -33,6 +33,10 @@ class Resources:
     firehose_stream: str = "orders-cdc-analytics"
     sender_email: str = "orders@example.com"
 
+    def environment(self) -> dict[str, str]:
+        """The ORDERS_CDC_* variables that `load` reads these names back from."""
+        return {PREFIX + name.upper(): getattr(self, name) for name in Resources.__dataclass_fields__}
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:

@@ -36,19 +36,13 @@ def moto_resources(moto_server):
     from orders_cdc.local.resources import LocalClients, ResourceNames, create_resources
 
     suffix = uuid.uuid4().hex[:8]
-    names = ResourceNames(stream=f"s-{suffix}", shards=1, orders_table=f"Orders-{suffix}", dlq=f"dlq-{suffix}",
-                          refunds_queue=f"refunds-{suffix}", analytics_bucket=f"analytics-{suffix}",
-                          analytics_firehose=f"analytics-{suffix}", idempotency_table=f"Idem-{suffix}")
+    names = ResourceNames.unique(suffix, shards=1)
     clients = LocalClients.from_endpoints({name: moto_server for name in LocalClients.__dataclass_fields__})
     created = create_resources(clients, names)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ORDERS_CDC_"))},
         "AWS_ENDPOINT_URL": moto_server, "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-        "ORDERS_CDC_ORDERS_TABLE": names.orders_table,
-        "ORDERS_CDC_DLQ_QUEUE": names.dlq,
-        "ORDERS_CDC_REFUND_QUEUE": names.refunds_queue,
-        "ORDERS_CDC_FIREHOSE_STREAM": names.analytics_firehose,
-        "ORDERS_CDC_IDEMPOTENCY_TABLE": names.idempotency_table,
+        **names.environment(),
     }
     return names, clients, created, env

@@ -15,6 +15,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from orders_cdc.local.stack import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+from orders_cdc.settings import Resources
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +24,25 @@ _FIREHOSE_ROLE = "arn:aws:iam::123456789012:role/orders-cdc-firehose"
 
 
 @dataclass(frozen=True, slots=True)
-class ResourceNames:
+class ResourceNames(Resources):
+    """The resources the processor uses (`Resources`, the same names it reads from its
+    settings) plus what only the local stack creates: the stream and the Firehose bucket."""
+
     stream: str = "orders-cdc"
     shards: int = 2
-    orders_table: str = "Orders"
-    inventory_table: str = "Inventory"
-    product_orders_table: str = "ProductOrders"
-    order_metrics_table: str = "OrderMetrics"
-    product_metrics_table: str = "ProductMetrics"
-    idempotency_table: str = "Idempotency"
     idempotency_ttl_attribute: str = "expires_at"
-    dlq: str = "orders-cdc-dlq"
-    refunds_queue: str = "orders-cdc-refunds"
     analytics_bucket: str = "orders-cdc-analytics"
-    analytics_firehose: str = "orders-cdc-analytics"
-    sender: str = "orders@example.com"
+
+    @classmethod
+    def unique(cls, suffix: str, **kw: Any) -> ResourceNames:
+        """Every name made unique with ``suffix``: test runs share one moto server."""
+        return cls(
+            stream=f"s-{suffix}", orders_table=f"Orders-{suffix}", inventory_table=f"Inventory-{suffix}",
+            product_orders_table=f"ProductOrders-{suffix}", order_metrics_table=f"OrderMetrics-{suffix}",
+            product_metrics_table=f"ProductMetrics-{suffix}", idempotency_table=f"Idempotency-{suffix}",
+            dlq_queue=f"dlq-{suffix}", refund_queue=f"refunds-{suffix}", analytics_bucket=f"analytics-{suffix}",
+            firehose_stream=f"analytics-{suffix}", sender_email=f"orders-{suffix}@example.com", **kw,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +87,10 @@ def create_resources(
     _ttl(c.dynamodb, names.idempotency_table, names.idempotency_ttl_attribute)
     _ttl(c.dynamodb, names.product_orders_table, "expires_at")  # the view's tombstones
     # create_queue is idempotent when the attributes match.
-    queue_urls = {q: c.sqs.create_queue(QueueName=q)["QueueUrl"] for q in (names.dlq, names.refunds_queue)}
+    queue_urls = {q: c.sqs.create_queue(QueueName=q)["QueueUrl"] for q in (names.dlq_queue, names.refund_queue)}
     _bucket(c.s3, names.analytics_bucket)
-    _firehose(c.firehose, names.analytics_firehose, names.analytics_bucket)
-    c.ses.verify_email_identity(EmailAddress=names.sender)  # idempotent; moto verifies at once
+    _firehose(c.firehose, names.firehose_stream, names.analytics_bucket)
+    c.ses.verify_email_identity(EmailAddress=names.sender_email)  # idempotent; moto verifies at once
     log.info("local resources ready: stream %s, table %s", stream_arn, names.orders_table)
     return CreatedResources(stream_arn, orders_stream_arn or "", queue_urls)
 

@@ -91,6 +91,7 @@ class LocalRun:
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.stack.aws_env())
+        env.update(self.cfg.names.environment())  # the names the stack was created with
         env.update({
             "ORDERS_CDC_STREAM": self.cfg.names.stream,
             "ORDERS_CDC_APPLICATION": self.cfg.application,

@@ -113,9 +113,9 @@ def observe(run: LocalRun, prefix: str) -> Observed:
     data = _moto_state(run.stack.endpoints["ses"])
     emails = Counter(m["subject"] for m in data.get("ses", {}).get("Message", []) if f" {prefix}-" in m["subject"])
     sqs = run.client("sqs")
-    url = sqs.get_queue_url(QueueName=run.cfg.names.refunds_queue)["QueueUrl"]
+    url = sqs.get_queue_url(QueueName=run.cfg.names.refund_queue)["QueueUrl"]
     refunds = _all_messages(sqs, url, lambda body: body.get("order_id"))
-    dlq_url = sqs.get_queue_url(QueueName=run.cfg.names.dlq)["QueueUrl"]
+    dlq_url = sqs.get_queue_url(QueueName=run.cfg.names.dlq_queue)["QueueUrl"]
     dead = list(_all_messages(sqs, dlq_url, lambda body: json.dumps(body)).keys())
     ddb = run.client("dynamodb")
     count, revenue = 0, Decimal("0")

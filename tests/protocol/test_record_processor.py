@@ -103,7 +103,7 @@ def test_batch_is_handled_dead_lettered_and_checkpointed(downstream):
         ("INSERT", "order_created", "pending", sequence_number(1)),
         ("MODIFY", "order_shipped", "shipped", sequence_number(3)),
     ]
-    [letter] = dead_letters(clients, created.queue_urls[names.dlq])
+    [letter] = dead_letters(clients, created.queue_urls[names.dlq_queue])
     assert letter["sequence_number"] == sequence_number(2)
     assert letter["record"] == records[1]
     assert "base64" in letter["reason"]
@@ -143,7 +143,7 @@ def test_unrecoverable_batch_exits_without_acknowledging(downstream):
     child = Child({**env, "ORDERS_CDC_CHECKPOINT_EVERY_RECORDS": "1000"})
     child.send({"action": "initialize", "shardId": "shardId-000000000000", "sequenceNumber": "TRIM_HORIZON", "subSequenceNumber": 0})
     child.expect()
-    clients.sqs.delete_queue(QueueUrl=created.queue_urls[names.dlq])
+    clients.sqs.delete_queue(QueueUrl=created.queue_urls[names.dlq_queue])
     child.send({"action": "processRecords", "records": orders_batch(names.orders_table), "millisBehindLatest": 0})
     assert child.expect(timeout=120) is None, "no status, no checkpoint"
     assert child.proc.wait(30) == 1

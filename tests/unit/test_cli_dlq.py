@@ -46,7 +46,7 @@ def analytics_for(clients, bucket, order_id):
 
 def test_list_then_redrive(stack):
     names, clients, created, env = stack
-    url = created.queue_urls[names.dlq]
+    url = created.queue_urls[names.dlq_queue]
     good = kcl_record(kds_record("INSERT", new={"order_id": "r-1", "status": "pending"}, old=None,
                                  keys={"order_id": "r-1"}, table=names.orders_table), sequence_number(1))
     poison = {**kcl_record({}, sequence_number(2)), "data": "bm90IGpzb24="}  # base64 of "not json"

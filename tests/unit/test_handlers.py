@@ -93,26 +93,12 @@ class Stack:
     def __init__(self, endpoint: str):
         s = uuid.uuid4().hex[:8]
         self.endpoint = endpoint
-        self.names = ResourceNames(
-            stream=f"s-{s}", shards=1, orders_table=f"Orders-{s}", inventory_table=f"Inventory-{s}",
-            product_orders_table=f"ProductOrders-{s}", order_metrics_table=f"OrderMetrics-{s}",
-            product_metrics_table=f"ProductMetrics-{s}", idempotency_table=f"Idempotency-{s}", dlq=f"dlq-{s}",
-            refunds_queue=f"refunds-{s}", analytics_bucket=f"analytics-{s}", analytics_firehose=f"analytics-{s}",
-            sender=f"orders-{s}@example.com",
-        )
+        self.names = ResourceNames.unique(s, shards=1)
         self.aws = LocalClients.from_endpoints({name: endpoint for name in LocalClients.__dataclass_fields__})
         self.created = create_resources(self.aws, self.names)
-        n = self.names
         self.settings = load({
             "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
-            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-            "ORDERS_CDC_ORDERS_TABLE": n.orders_table, "ORDERS_CDC_DLQ_QUEUE": n.dlq,
-            "ORDERS_CDC_REFUND_QUEUE": n.refunds_queue, "ORDERS_CDC_INVENTORY_TABLE": n.inventory_table,
-            "ORDERS_CDC_PRODUCT_ORDERS_TABLE": n.product_orders_table,
-            "ORDERS_CDC_ORDER_METRICS_TABLE": n.order_metrics_table,
-            "ORDERS_CDC_PRODUCT_METRICS_TABLE": n.product_metrics_table,
-            "ORDERS_CDC_IDEMPOTENCY_TABLE": n.idempotency_table, "ORDERS_CDC_FIREHOSE_STREAM": n.analytics_firehose,
-            "ORDERS_CDC_SENDER_EMAIL": n.sender,
+            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", **self.names.environment(),
         })
         # Explicit dummy credentials: the process environment may have none (or real ones).
         session = boto3.session.Session(aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
@@ -132,7 +118,7 @@ class Stack:
         ]
 
     def refund_messages(self) -> list[dict]:
-        url, found = self.created.queue_urls[self.names.refunds_queue], []
+        url, found = self.created.queue_urls[self.names.refund_queue], []
         while batch := self.aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
             found += [json.loads(m["Body"]) for m in batch]
         return found
@@ -257,7 +243,7 @@ def test_shipped_email_has_the_tracking_number(stack):
     before = order("o-100", "processing", items=(("p-1", "Kettle", 2, "39.90"), ("p-2", "Mug", 1, "8.99")), email=to)
     notification.send_shipped([modify(before, status="shipped", tracking_number="1Z0000000042")], stack.ctx)
     assert stack.emails(to) == [{
-        "from": stack.names.sender,
+        "from": stack.names.sender_email,
         "to": [to],
         "subject": "Your order o-100 has shipped",
         "body": "Hello,\n\nGood news: your order o-100 is on its way.\n\nTracking number: 1Z0000000042\n\n"
@@ -275,10 +261,10 @@ def test_delivered_sends_a_confirmation_and_a_review_request(stack):
                                                table=stack.names.orders_table), sequence_number(1))], "shard-0")
     assert [r.outcome for r in results] == [Outcome.DONE] and not dlq.letters
     assert sorted(stack.emails(to), key=lambda e: e["subject"]) == [
-        {"from": stack.names.sender, "to": [to], "subject": "How was your order o-101?",
+        {"from": stack.names.sender_email, "to": [to], "subject": "How was your order o-101?",
          "body": "Hello,\n\nHow do you like what you ordered in o-101?\n\n  Kettle\n  Mug\n\n"
                  "A short review helps other customers choose. Thank you!\n"},
-        {"from": stack.names.sender, "to": [to], "subject": "Your order o-101 has been delivered",
+        {"from": stack.names.sender_email, "to": [to], "subject": "Your order o-101 has been delivered",
          "body": "Hello,\n\nYour order o-101 has been delivered. We hope you enjoy it.\n\nItems:\n  1 x Kettle\n  3 x Mug\n\n"
                  "If anything is wrong with your order, just reply to this email.\n"},
     ]

@@ -288,23 +288,10 @@ def test_the_wired_processor_reacts_once_to_a_redelivered_batch(moto_server):
     from orders_cdc.settings import load
 
     s = uuid.uuid4().hex[:8]
-    names = ResourceNames(stream=f"s-{s}", shards=1, orders_table=f"Orders-{s}", inventory_table=f"Inventory-{s}",
-                          product_orders_table=f"ProductOrders-{s}", order_metrics_table=f"OrderMetrics-{s}",
-                          product_metrics_table=f"ProductMetrics-{s}", idempotency_table=f"Idempotency-{s}",
-                          dlq=f"dlq-{s}", refunds_queue=f"refunds-{s}", analytics_bucket=f"analytics-{s}",
-                          analytics_firehose=f"analytics-{s}", sender=f"orders-{s}@example.com")
+    names = ResourceNames.unique(s, shards=1)
     aws = LocalClients.from_endpoints({name: moto_server for name in LocalClients.__dataclass_fields__})
     create_resources(aws, names)
-    settings = load({
-        "AWS_ENDPOINT_URL": moto_server, "AWS_REGION": "us-east-1",
-        "ORDERS_CDC_ORDERS_TABLE": names.orders_table, "ORDERS_CDC_DLQ_QUEUE": names.dlq,
-        "ORDERS_CDC_REFUND_QUEUE": names.refunds_queue, "ORDERS_CDC_INVENTORY_TABLE": names.inventory_table,
-        "ORDERS_CDC_PRODUCT_ORDERS_TABLE": names.product_orders_table,
-        "ORDERS_CDC_ORDER_METRICS_TABLE": names.order_metrics_table,
-        "ORDERS_CDC_PRODUCT_METRICS_TABLE": names.product_metrics_table,
-        "ORDERS_CDC_IDEMPOTENCY_TABLE": names.idempotency_table, "ORDERS_CDC_FIREHOSE_STREAM": names.analytics_firehose,
-        "ORDERS_CDC_SENDER_EMAIL": names.sender,
-    })
+    settings = load({"AWS_ENDPOINT_URL": moto_server, "AWS_REGION": "us-east-1", **names.environment()})
     clients = Clients(settings, boto3.session.Session(aws_access_key_id="test", aws_secret_access_key="test",
                                                       region_name="us-east-1"))
     calls: Counter = Counter()
