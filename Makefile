@@ -21,12 +21,13 @@ $(STAMP)/kcl-m2: infra/kcl/pom.xml
 	mvn -B -q -f infra/kcl/pom.xml -Dmaven.repo.local=$(M2) dependency:resolve
 	@touch $@
 
-$(STAMP)/venv: pyproject.toml $(STAMP)/kcl-m2
+$(STAMP)/venv: pyproject.toml setup.py orders_cdc/_avfast.c $(STAMP)/kcl-m2
 	@mkdir -p $(STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	KCL_MVN_REPO_SEARCH_URL=file://$(M2)/ $(PY) -m pip install -q -e '.[dev]'
 	$(PY) -c "from orders_cdc.kcl.daemon import jars_dir; print('KCL jars:', jars_dir())"
+	$(PY) -c "from orders_cdc import attrvalue; print('decoder C fast path:', 'built' if attrvalue.ACCELERATED else 'NOT built (no C compiler?): pure Python')"
 	@touch $@
 
 # LocalStack (Kinesis only) runs on the host from PyPI, in its own venv: it pins its own

@@ -143,7 +143,12 @@ def table(results: dict[str, Any]) -> Table:
         if "ours_images_only" in c:
             t.add_row("   images only (parsed docs)", _fmt(c["ours_images_only"]["records_per_s"]),
                       f"TypeDeserializer {_fmt(c['typedeserializer_images_only']['records_per_s'])} → "
-                      f"×{b2['images_only_ratio_vs_typedeserializer']}", "", "")
+                      f"×{b2['images_only_ratio_vs_typedeserializer']}", "≥ ×5",
+                      _verdict(b2["images_only_ratio_vs_typedeserializer"] >= 5))
+        if "ours_pure_python_images_only" in c:
+            t.add_row("   images only, pure Python", _fmt(c["ours_pure_python_images_only"]["records_per_s"]),
+                      f"→ ×{b2['pure_python_images_only_ratio_vs_typedeserializer']} (C fast path "
+                      f"{'on' if b2.get('c_fast_path') else 'NOT BUILT'} above)", "", "")
     b3 = results.get("B3")
     if b3 and b3.get("p50_s") is not None:
         t.add_row("B3 end to end p50 / p95 / max", f"{b3['p50_s']:.3f} / {b3['p95_s']:.3f} / {b3['max_s']:.3f} s",

@@ -14,7 +14,8 @@ batch is in the processor, then dropped. Candidates run interleaved; medians of 
 - Powertools: base64 + ``json`` + ``DynamoDBRecord(...).dynamodb.keys/new_image/old_image``
   (Powertools leaves B values as base64 text: slightly less work than the others).
 - images only: ``unmarshal_map`` against TypeDeserializer on already-parsed documents (the
-  unmarshaller alone, without base64, JSON parsing and the envelope).
+  unmarshaller alone, without base64, JSON parsing and the envelope); also with the C fast
+  path (``orders_cdc/_avfast.c``) swapped for the pure-Python one it replaces.
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def _images_ours(docs: list[dict]) -> list[Any]:
              unmarshal_map(d["dynamodb"].get("OldImage") or {})) for d in docs]
 
 
+def _images_ours_pure_python(docs: list[dict]) -> list[Any]:
+    """The same, with the C fast path (orders_cdc/_avfast.c) swapped for the Python one."""
+    from orders_cdc import attrvalue
+
+    saved = attrvalue._fast_map, attrvalue._fast_value
+    attrvalue._fast_map, attrvalue._fast_value = attrvalue._py_fast_map, attrvalue._py_fast_value
+    try:
+        return _images_ours(docs)
+    finally:
+        attrvalue._fast_map, attrvalue._fast_value = saved
+
+
 def _images_typedeserializer(docs: list[dict]) -> list[Any]:
     deserialize = Deserializer().deserialize
     return [tuple({k: deserialize(v) for k, v in (d["dynamodb"].get(name) or {}).items()}
@@ -107,6 +120,7 @@ def candidates() -> dict[str, Callable[[list[dict]], list[Any]] | None]:
         "orjson_typedeserializer": _type_deserializer(orjson.loads),
         "powertools": _powertools(),
         "ours_images_only": _images_ours,
+        "ours_pure_python_images_only": _images_ours_pure_python,
         "typedeserializer_images_only": _images_typedeserializer,
     }
 
@@ -157,6 +171,11 @@ def run(records: list[dict], payload_bytes: int, reps: int = 5, batch: int = 100
     images = out["candidates"]
     out["images_only_ratio_vs_typedeserializer"] = round(
         images["ours_images_only"]["records_per_s"] / images["typedeserializer_images_only"]["records_per_s"], 2)
+    out["pure_python_images_only_ratio_vs_typedeserializer"] = round(
+        images["ours_pure_python_images_only"]["records_per_s"] / images["typedeserializer_images_only"]["records_per_s"], 2)
+    from orders_cdc import attrvalue
+
+    out["c_fast_path"] = attrvalue.ACCELERATED  # False: built without a C compiler; "ours" is pure Python
     if "powertools" in out["candidates"]:
         out["ratio_vs_powertools"] = round(ours / out["candidates"]["powertools"]["records_per_s"], 2)
     else:

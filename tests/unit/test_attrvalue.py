@@ -14,6 +14,19 @@ from orders_cdc.attrvalue import AttributeValueError, dumps_exact, to_json_compa
 from tests.factories import av, order_item, to_av
 
 MAX_N = "9.9999999999999999999999999999999999999E+125"
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
+def fast_path(request):
+    """Every test here runs on both fast paths: the C one (orders_cdc/_avfast.c) and the
+    pure-Python one it replaces where it is built. They must agree everywhere."""
+    if request.param == "c" and not attrvalue.ACCELERATED:
+        pytest.skip("the C fast path is not built here (no C compiler at install time)")
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "python":
+            mp.setattr(attrvalue, "_fast_map", attrvalue._py_fast_map)
+            mp.setattr(attrvalue, "_fast_value", attrvalue._py_fast_value)
+        yield request.param
 DIGITS_38 = "12345678901234567890123456789012345678"
 
 
@@ -163,8 +176,8 @@ def test_error_messages_do_not_quote_huge_values():
     assert len(str(info.value)) < 200
 
 
-def test_rejected_numbers_are_not_cached(monkeypatch):
-    monkeypatch.setattr(attrvalue, "_NUMBER_CACHE", {})
+def test_rejected_numbers_are_not_cached():
+    attrvalue._NUMBER_CACHE.clear()  # the same dict object: the C path holds it too
     for _ in range(2):
         with pytest.raises(AttributeValueError):
             unmarshal_map({"x": {"N": "1E+126"}})
@@ -172,7 +185,7 @@ def test_rejected_numbers_are_not_cached(monkeypatch):
 
 
 def test_number_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(attrvalue, "_NUMBER_CACHE", {})
+    attrvalue._NUMBER_CACHE.clear()
     monkeypatch.setattr(attrvalue, "_NUMBER_CACHE_SIZE", 8)
     values = unmarshal_map({f"n{i}": {"N": str(i)} for i in range(50)})
     assert values == {f"n{i}": Decimal(i) for i in range(50)}
@@ -370,6 +383,13 @@ def _public(wire):
 @given(junk)
 def test_fast_path_agrees_with_checked_path(wire):
     assert _public(wire) == _checked(wire)
+
+
+def test_the_c_fast_path_is_used_where_it_is_built(fast_path):
+    if fast_path == "c":
+        assert attrvalue._fast_map is attrvalue._avfast.fast_map
+    else:
+        assert attrvalue._fast_map is attrvalue._py_fast_map
 
 
 # ---------------------------------------------------------------------------------------------
