@@ -25,12 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("full", "route-only"), default="full")
     parser.add_argument("--calls-out")
     parser.add_argument("--profile")
-    parser.add_argument("--gc-threshold", type=int, default=0,
-                        help="what-if: gc.freeze() after start-up and this gen-0 threshold (0: as production)")
     args = parser.parse_args(argv)
 
     from orders_cdc import logs, settings as settings_module
-    from orders_cdc.app import build_pipeline
+    from orders_cdc.app import build_pipeline, tune_gc
     from orders_cdc.checkpointing import CheckpointPolicy
     from orders_cdc.consumer import ChangeProcessor
     from orders_cdc.kcl import protocol
@@ -46,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = ChangeProcessor(
         pipeline, lambda: CheckpointPolicy(settings.checkpoint_every_records, settings.checkpoint_every_seconds))
 
-    if args.gc_threshold:
-        import gc
-
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(args.gc_threshold, 50, 100)
+    tune_gc()  # as child_main does
 
     profiler = None
     if args.profile:

@@ -24,9 +24,10 @@ def child_main() -> int:
         sys.stderr.write(f"orders-cdc: {exc}\n")
         return 2
     logs.setup(settings.log_level, component="processor")
-    from orders_cdc.app import build_processor
+    from orders_cdc.app import build_processor, tune_gc
 
     processor = build_processor(settings)
+    tune_gc()
     try:
         protocol.run(processor, proto_in, proto_out)
     except Exception:
