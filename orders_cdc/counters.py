@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 from typing import Any
 
-from boto3.dynamodb.types import TypeSerializer
 from botocore.exceptions import ClientError
 
+from orders_cdc.attrvalue import marshal
 from orders_cdc.errors import PermanentError, RetryableError
 
 MAX_TRANSACTION_ITEMS = 100  # TransactWriteItems limit
 _EXACT = Context(prec=38, traps=[Inexact, InvalidOperation, Overflow])  # DynamoDB's number range
-_serialize = TypeSerializer().serialize
 # Reasons a transaction is cancelled that a later attempt can get past.
 _RETRYABLE_REASONS = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded",
                                 "RequestLimitExceeded"})
@@ -100,10 +99,10 @@ def update_action(update: CounterUpdate) -> dict[str, Any]:
     """The TransactWriteItems ``Update`` of one counter update."""
     return {
         "TableName": update.table,
-        "Key": {k: _serialize(v) for k, v in update.key},
+        "Key": {k: marshal(v) for k, v in update.key},
         "UpdateExpression": "ADD " + ", ".join(f"#a{i} :v{i}" for i in range(len(update.deltas))),
         "ExpressionAttributeNames": {f"#a{i}": attr for i, (attr, _) in enumerate(update.deltas)},
-        "ExpressionAttributeValues": {f":v{i}": _serialize(delta) for i, (_, delta) in enumerate(update.deltas)},
+        "ExpressionAttributeValues": {f":v{i}": marshal(delta) for i, (_, delta) in enumerate(update.deltas)},
     }
 
 

@@ -34,9 +34,9 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from boto3.dynamodb.types import TypeSerializer
 from botocore.exceptions import ClientError
 
+from orders_cdc.attrvalue import marshal
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.errors import RetryableError
 from orders_cdc.routing import Idempotency, Route
@@ -52,7 +52,6 @@ _CONDITION = (
     "attribute_not_exists(source_created_us) OR source_created_us < :us"
     " OR (source_created_us = :us AND source_sequence < :seq)"
 )
-_serialize = TypeSerializer().serialize
 
 
 def version(change: ChangeRecord) -> tuple[int, str]:
@@ -97,7 +96,7 @@ def _put(ddb, table: str, item: dict[str, Any], us: int, seq: str) -> bool:
     try:
         ddb.put_item(
             TableName=table,
-            Item={k: _serialize(v) for k, v in item.items()},
+            Item={k: marshal(v) for k, v in item.items()},
             ConditionExpression=_CONDITION,
             ExpressionAttributeValues={":us": {"N": str(us)}, ":seq": {"S": seq}},
         )

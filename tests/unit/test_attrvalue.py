@@ -333,6 +333,21 @@ def test_boto3_deserializer_agrees(item):
     assert ours == _unbinary(boto3_view)
 
 
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(values, st.integers(min_value=-(10**38) + 1, max_value=10**38 - 1)))
+def test_marshal_is_boto3_serialize(value):
+    assert attrvalue.marshal(value) == TypeSerializer().serialize(value)
+
+
+@pytest.mark.parametrize("value", [Decimal("1.0000000000000000000000000000000000000001"), Decimal("NaN"), 10**40, 1.5])
+def test_marshal_refuses_what_boto3_refuses(value):
+    with pytest.raises(Exception) as ours:
+        attrvalue.marshal(value)
+    with pytest.raises(Exception) as boto3s:
+        TypeSerializer().serialize(value)
+    assert type(ours.value) is type(boto3s.value)
+
+
 def _unbinary(value):
     # boto3 wraps binary in its Binary class; compare plain bytes.
     if hasattr(value, "value") and type(value).__name__ == "Binary":
