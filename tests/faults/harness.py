@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
@@ -24,6 +25,8 @@ PATHS = (
     ("pending", "processing", "shipped"),
 )
 _ser, _de = TypeSerializer(), TypeDeserializer()
+
+COUNTS_FILE = Path(__file__).resolve().parents[2] / ".local" / "faults" / "counts.jsonl"
 
 
 @dataclass
@@ -195,7 +198,13 @@ def report(name: str, history: History, seen: Observed, **extra) -> dict:
         "dead_letters": len(seen.dead_letters),
         **extra,
     }
-    print(f"\nFAULT {json.dumps(counts, default=str)}")
+    line = json.dumps(counts, default=str)
+    print(f"\nFAULT {line}")
+    # Also kept on disk (pytest shows a passing test's output only with -rP): the last
+    # runs' counts and recovery times, for the README and the closing notes.
+    COUNTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with COUNTS_FILE.open("a") as out:
+        out.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **counts}, default=str) + "\n")
     return counts
 
 
