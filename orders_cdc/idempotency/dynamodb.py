@@ -129,7 +129,6 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
     def _delete_many(self, keys: Sequence[str]) -> None:
         batch_write(self._ddb, self.table, [{"DeleteRequest": {"Key": {"id": {"S": k}}}} for k in keys], self._sleep)
 
-
     def _transact(self, markers: Sequence[IdempotencyRecord], updates: Sequence[CounterUpdate], now: float) -> set[str]:
         items = [{"Update": update_action(u)} for u in updates] + [
             {"Put": {"TableName": self.table, "Item": _item(m), "ConditionExpression": _ABSENT,

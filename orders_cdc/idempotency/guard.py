@@ -95,6 +95,9 @@ class IdempotencyGuard:
                 result.failed[i] = updates
             else:
                 todo.append(i)
+        # Outside the handler's deadline, like the markers of PER_CHANGE routes: DynamoDB calls
+        # bounded by the SDK's own timeouts. A commit that timed out but landed leaves its
+        # markers, so the retry finds them: DUPLICATE, not counted twice.
         committed = self.store.commit([(keys[i], output[i]) for i in todo], self.clock())
         result.done = [todo[j] for j in committed.done]
         result.duplicate = [todo[j] for j in committed.duplicate]
