@@ -40,13 +40,18 @@ def counting(client) -> Counter:
     return calls
 
 
-@pytest.fixture
-def table(moto_server):
-    client = ddb_client(moto_server)
+def idempotency_table(client) -> str:
+    """A fresh table shaped like the idempotency table (key `id` S), on the shared moto server."""
     name = f"Idempotency-{uuid.uuid4().hex[:8]}"
     client.create_table(TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
                         AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
-    return client, name
+    return name
+
+
+@pytest.fixture
+def table(moto_server):
+    client = ddb_client(moto_server)
+    return client, idempotency_table(client)
 
 
 @pytest.fixture(params=["memory", "dynamodb"])

@@ -20,7 +20,7 @@ from orders_cdc.pipeline import Outcome, Pipeline
 from orders_cdc.retry import RetryPolicy, ThreadRunner, run_inline
 from orders_cdc.routing import Idempotency, Route, Router
 from tests.factories import kcl_record, kds_record, sequence_number
-from tests.unit.test_idempotency import counting, ddb_client
+from tests.unit.test_idempotency import counting, ddb_client, idempotency_table
 from tests.unit.test_pipeline import FakeClock
 
 
@@ -235,10 +235,7 @@ def test_a_timed_out_reaction_keeps_its_lock_until_the_lease_ends():
 @pytest.fixture
 def ddb_store(moto_server):
     client = ddb_client(moto_server)
-    name = f"Idempotency-{uuid.uuid4().hex[:8]}"
-    client.create_table(TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
-    return DynamoDbIdempotencyStore(client, name, lock_seconds=90), counting(client)
+    return DynamoDbIdempotencyStore(client, idempotency_table(client), lock_seconds=90), counting(client)
 
 
 def test_atomic_routes_cost_under_a_tenth_of_a_call_per_record(ddb_store):

@@ -24,7 +24,7 @@ from orders_cdc.pipeline import Outcome, Pipeline
 from orders_cdc.retry import RetryPolicy, run_inline
 from orders_cdc.routing import Idempotency, Route, Router
 from tests.factories import kcl_record, kds_record, sequence_number
-from tests.unit.test_idempotency import counting, ddb_client
+from tests.unit.test_idempotency import counting, ddb_client, idempotency_table
 from tests.unit.test_pipeline import FakeClock
 
 T0 = 1721011165891550
@@ -60,9 +60,7 @@ def store(request):
     if request.param == "memory":
         return InMemoryHighWaterMarkStore()
     client = ddb_client(request.getfixturevalue("moto_server"))
-    name = f"Idempotency-{uuid.uuid4().hex[:8]}"
-    client.create_table(TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    name = idempotency_table(client)
     return DynamoDbHighWaterMarkStore(client, name, ttl_seconds=3600)
 
 
@@ -77,9 +75,7 @@ def test_marks_only_move_up(store):
 
 def test_dynamodb_marks_expire_by_ttl_and_errors_are_mapped(moto_server):
     client = ddb_client(moto_server)
-    name = f"Idempotency-{uuid.uuid4().hex[:8]}"
-    client.create_table(TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    name = idempotency_table(client)
     DynamoDbHighWaterMarkStore(client, name, ttl_seconds=60).advance("hwm#r#1", "x", NOW)
     item = client.get_item(TableName=name, Key={"id": {"S": "hwm#r#1"}})["Item"]
     assert item["expires_at"] == {"N": str(int(NOW) + 60)}
@@ -197,9 +193,7 @@ def test_unordered_routes_hold_only_after_a_failure():
 
 def test_ordered_marks_on_dynamodb_cost_one_read_per_100_items_and_one_write_per_item(moto_server):
     client = ddb_client(moto_server)
-    name = f"Idempotency-{uuid.uuid4().hex[:8]}"
-    client.create_table(TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    name = idempotency_table(client)
     calls = counting(client)
     marks = DynamoDbHighWaterMarkStore(client, name)
     p = ordered(View(), marks)
