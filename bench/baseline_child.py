@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls-out")
     args = parser.parse_args(argv)
 
-    import orjson
-
     from orders_cdc import settings as settings_module
     from processors import all_routes
 
@@ -143,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kcl.KCLProcess(UsualProcessor(routes, ctx)).run()
     finally:
-        if args.calls_out:
-            with open(args.calls_out, "wb") as out:
-                out.write(orjson.dumps(calls.to_json()))
+        calls.save(args.calls_out)
     return 0
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import orjson
-
 from bench.fakes import CallLog, FakeClients, bench_routes
 
 
@@ -58,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
-        if args.calls_out:
-            with open(args.calls_out, "wb") as out:
-                out.write(orjson.dumps(calls.to_json()))
+        calls.save(args.calls_out)
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+import orjson
 from botocore.exceptions import ClientError
 
 from orders_cdc.app import Clients
@@ -88,6 +89,12 @@ class CallLog:
             key = (route, service, operation)
             self.calls[key] += 1
             self.entries[key] += entries
+
+    def save(self, path: str | None) -> None:
+        """Write to_json() to ``path`` (the children's --calls-out); nothing without one."""
+        if path:
+            with open(path, "wb") as out:
+                out.write(orjson.dumps(self.to_json()))
 
     def to_json(self) -> dict[str, Any]:
         return {
