@@ -23,7 +23,9 @@ from orders_cdc.attrvalue import marshal
 from orders_cdc.errors import PermanentError, RetryableError
 
 MAX_TRANSACTION_ITEMS = 100  # TransactWriteItems limit
-_EXACT = Context(prec=38, traps=[Inexact, InvalidOperation, Overflow])  # DynamoDB's number range
+# Exact arithmetic in DynamoDB's 38 significant digits: anything inexact raises (also used by
+# processors/_order.py for order amounts).
+EXACT = Context(prec=38, traps=[Inexact, InvalidOperation, Overflow])
 # Reasons a transaction is cancelled that a later attempt can get past.
 _RETRYABLE_REASONS = frozenset({"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded",
                                 "RequestLimitExceeded"})
@@ -64,7 +66,7 @@ def merge(updates: Iterable[CounterUpdate]) -> list[CounterUpdate]:
         counters = sums.setdefault(update.item, {})
         for attr, delta in update.deltas:
             try:
-                counters[attr] = _EXACT.add(counters.get(attr, Decimal(0)), delta)
+                counters[attr] = EXACT.add(counters.get(attr, Decimal(0)), delta)
             except ArithmeticError as exc:
                 raise CounterOverflow(f"{update.table} {dict(update.key)} {attr}: sum not exact in 38 digits") from exc
     out = []
@@ -75,6 +77,15 @@ def merge(updates: Iterable[CounterUpdate]) -> list[CounterUpdate]:
     return out
 
 
+def items_of(updates: Sequence[CounterUpdate], limit: int = MAX_TRANSACTION_ITEMS) -> set[ItemKey]:
+    """The items one change's updates touch; TooManyCounters if they and the change's
+    done-marker cannot share one transaction."""
+    items = {u.item for u in updates}
+    if len(items) + 1 > limit:
+        raise TooManyCounters(f"a change touches {len(items)} counters; one transaction holds {limit - 1}")
+    return items
+
+
 def groups(entries: Sequence[Sequence[CounterUpdate]], limit: int = MAX_TRANSACTION_ITEMS) -> list[list[int]]:
     """Cut entries (one per change, in order) into groups whose distinct items plus one
     marker per change fit in ``limit``. An entry that alone does not fit raises TooManyCounters."""
@@ -82,9 +93,7 @@ def groups(entries: Sequence[Sequence[CounterUpdate]], limit: int = MAX_TRANSACT
     current: list[int] = []
     items: set[ItemKey] = set()
     for i, updates in enumerate(entries):
-        own = {u.item for u in updates}
-        if len(own) + 1 > limit:
-            raise TooManyCounters(f"a change touches {len(own)} counters; one transaction holds {limit - 1}")
+        own = items_of(updates, limit)
         if current and len(items | own) + len(current) + 1 > limit:
             out.append(current)
             current, items = [], set()

@@ -9,16 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
+from decimal import Decimal
 from typing import Any
 
+# DynamoDB numbers hold 38 digits; Python's default context (28) would round money silently.
+from orders_cdc.counters import EXACT as _EXACT
 from orders_cdc.errors import PermanentError
 
 STATUSES = ("pending", "processing", "shipped", "delivered", "cancelled")
 OPEN = frozenset({"pending", "processing"})  # stock is reserved, nothing has left yet
-
-# DynamoDB numbers hold 38 digits; Python's default context (28) would round money silently.
-_EXACT = Context(prec=38, traps=[Inexact, InvalidOperation, Overflow])
 
 
 class OrderDataError(PermanentError, ValueError):

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from orders_cdc.counters import MAX_TRANSACTION_ITEMS, CounterUpdate, TooManyCounters, groups, merge
+from orders_cdc.counters import CounterUpdate, TooManyCounters, groups, items_of, merge
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError, IdempotencyInProgressError
 
 
@@ -104,12 +104,13 @@ class IdempotencyStore(ABC):
                 result.duplicate.append(i)
             elif not updates:
                 result.done.append(i)
-            elif len({u.item for u in updates}) + 1 > MAX_TRANSACTION_ITEMS:
-                result.failed[i] = TooManyCounters(
-                    f"a change touches {len({u.item for u in updates})} counters;"
-                    f" one transaction holds {MAX_TRANSACTION_ITEMS - 1}")
             else:
-                todo.append(i)
+                try:
+                    items_of(updates)
+                except TooManyCounters as exc:
+                    result.failed[i] = exc
+                else:
+                    todo.append(i)
             seen.add(key)
         for group in groups([entries[i][1] for i in todo]):
             self._commit_group([todo[g] for g in group], entries, now, result)
