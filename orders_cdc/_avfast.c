@@ -101,18 +101,28 @@ fail:
     return NULL;
 }
 
-static PyObject *
-string_set(PyObject *v)
+/* A DynamoDB set on the wire: a non-empty list of strings (SS, and NS before conversion). */
+static int
+nonempty_strings(PyObject *v)
 {
     Py_ssize_t i, n = PyList_GET_SIZE(v);
 
     if (n == 0) {
-        return NULL; /* no exception set: the caller falls back */
+        return 0;
     }
     for (i = 0; i < n; i++) {
         if (!PyUnicode_CheckExact(PyList_GET_ITEM(v, i))) {
-            return NULL;
+            return 0;
         }
+    }
+    return 1;
+}
+
+static PyObject *
+string_set(PyObject *v)
+{
+    if (!nonempty_strings(v)) {
+        return NULL; /* no exception set: the caller falls back */
     }
     return PySet_New(v);
 }
@@ -137,13 +147,8 @@ number_set(PyObject *v)
     Py_ssize_t i, n = PyList_GET_SIZE(v);
     PyObject *out, *d;
 
-    if (n == 0) {
+    if (!nonempty_strings(v)) {
         return NULL; /* no exception set: the caller falls back */
-    }
-    for (i = 0; i < n; i++) {
-        if (!PyUnicode_CheckExact(PyList_GET_ITEM(v, i))) {
-            return NULL;
-        }
     }
     out = PySet_New(NULL);
     if (out == NULL) {
