@@ -5,8 +5,9 @@
  * which stays the reference and the fallback when this module is not built):
  *   S -> the str, N -> Decimal (through the literal cache, else the Python number check),
  *   M -> dict, L -> list, BOOL -> bool, NULL: true -> None, SS (non-empty, all str) -> set,
- *   NS (non-empty, all str) -> set of Decimal (each through the cache or the number check).
- * Anything else (B, BS, a malformed value) goes to the checked Python converter
+ *   NS (non-empty, all str) -> set of Decimal (each through the cache or the number check),
+ *   B (canonical base64 text) -> bytes, BS (non-empty, each canonical base64) -> set of bytes.
+ * Anything else (a malformed value, B already as bytes) goes to the checked Python converter
  * `value_fn`; any exception makes the Python caller redo the whole value on the checked
  * path, which builds the error and its path. So this file only has to be right on the
  * happy path, and never more lenient than the checked converters.
@@ -18,7 +19,7 @@ static PyObject *number_fn = NULL; /* str -> Decimal, with DynamoDB's range chec
 static PyObject *value_fn = NULL;  /* the checked converter for one AttributeValue */
 static PyObject *number_cache = NULL; /* dict: literal -> Decimal */
 
-static PyObject *tag_S, *tag_N, *tag_M, *tag_L, *tag_BOOL, *tag_NULL, *tag_SS, *tag_NS;
+static PyObject *tag_S, *tag_N, *tag_M, *tag_L, *tag_BOOL, *tag_NULL, *tag_SS, *tag_NS, *tag_B, *tag_BS;
 
 static PyObject *fast_value_impl(PyObject *av);
 
@@ -166,6 +167,94 @@ number_set(PyObject *v)
     return out;
 }
 
+/* Base64 text -> bytes, for exactly the inputs base64.b64decode(v, validate=True) accepts with
+ * nothing to say: ASCII, a length that is a multiple of 4, only the standard alphabet, at
+ * most two '=' and only at the end. Like it (binascii in non-strict mode), the unused low
+ * bits of the last character are ignored. Anything else returns NULL without an exception,
+ * and the caller falls back to the checked converter, which accepts or explains. */
+static const signed char b64_value[256] = {
+    ['A'] = 1, ['B'] = 2, ['C'] = 3, ['D'] = 4, ['E'] = 5, ['F'] = 6, ['G'] = 7, ['H'] = 8, ['I'] = 9,
+    ['J'] = 10, ['K'] = 11, ['L'] = 12, ['M'] = 13, ['N'] = 14, ['O'] = 15, ['P'] = 16, ['Q'] = 17,
+    ['R'] = 18, ['S'] = 19, ['T'] = 20, ['U'] = 21, ['V'] = 22, ['W'] = 23, ['X'] = 24, ['Y'] = 25,
+    ['Z'] = 26, ['a'] = 27, ['b'] = 28, ['c'] = 29, ['d'] = 30, ['e'] = 31, ['f'] = 32, ['g'] = 33,
+    ['h'] = 34, ['i'] = 35, ['j'] = 36, ['k'] = 37, ['l'] = 38, ['m'] = 39, ['n'] = 40, ['o'] = 41,
+    ['p'] = 42, ['q'] = 43, ['r'] = 44, ['s'] = 45, ['t'] = 46, ['u'] = 47, ['v'] = 48, ['w'] = 49,
+    ['x'] = 50, ['y'] = 51, ['z'] = 52, ['0'] = 53, ['1'] = 54, ['2'] = 55, ['3'] = 56, ['4'] = 57,
+    ['5'] = 58, ['6'] = 59, ['7'] = 60, ['8'] = 61, ['9'] = 62, ['+'] = 63, ['/'] = 64,
+}; /* value + 1; 0: not in the alphabet */
+
+static PyObject *
+binary(PyObject *v)
+{
+    Py_ssize_t n, pad = 0, data, i, o = 0;
+    const unsigned char *s;
+    unsigned char *out;
+    unsigned int acc = 0;
+    int bits = 0;
+    PyObject *result;
+
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) {
+        return NULL;
+    }
+    n = PyUnicode_GET_LENGTH(v);
+    s = PyUnicode_1BYTE_DATA(v);
+    if (n % 4 != 0) {
+        return NULL;
+    }
+    while (pad < 2 && pad < n && s[n - 1 - pad] == '=') {
+        pad++;
+    }
+    data = n - pad;
+    if (pad && data % 4 < 2) { /* "====", "Q===": the checked path explains */
+        return NULL;
+    }
+    result = PyBytes_FromStringAndSize(NULL, data * 3 / 4);
+    if (result == NULL) {
+        return NULL;
+    }
+    out = (unsigned char *)PyBytes_AS_STRING(result);
+    for (i = 0; i < data; i++) {
+        int value = b64_value[s[i]];
+        if (value == 0) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        acc = (acc << 6) | (unsigned int)(value - 1);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (unsigned char)(acc >> bits);
+            acc &= (1u << bits) - 1;
+        }
+    }
+    return result;
+}
+
+static PyObject *
+binary_set(PyObject *v)
+{
+    Py_ssize_t i, n = PyList_GET_SIZE(v);
+    PyObject *out, *b;
+
+    if (!nonempty_strings(v)) {
+        return NULL; /* no exception set: the caller falls back */
+    }
+    out = PySet_New(NULL);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n && i < PyList_GET_SIZE(v); i++) {
+        b = binary(PyList_GET_ITEM(v, i));
+        if (b == NULL || PySet_Add(out, b) < 0) {
+            Py_XDECREF(b);
+            Py_DECREF(out);
+            return NULL; /* an exception only if PySet_Add or an allocation failed */
+        }
+        Py_DECREF(b);
+    }
+    return out;
+}
+
 static PyObject *
 fast_value_impl(PyObject *av)
 {
@@ -220,6 +309,20 @@ fast_value_impl(PyObject *av)
     else if (tag_is(tag, tag_NS)) {
         if (PyList_CheckExact(v)) {
             d = number_set(v);
+            if (d != NULL || PyErr_Occurred()) {
+                return d;
+            }
+        }
+    }
+    else if (tag_is(tag, tag_B)) {
+        d = binary(v);
+        if (d != NULL || PyErr_Occurred()) {
+            return d;
+        }
+    }
+    else if (tag_is(tag, tag_BS)) {
+        if (PyList_CheckExact(v)) {
+            d = binary_set(v);
             if (d != NULL || PyErr_Occurred()) {
                 return d;
             }
@@ -291,7 +394,9 @@ PyInit__avfast(void)
     tag_NULL = PyUnicode_InternFromString("NULL");
     tag_SS = PyUnicode_InternFromString("SS");
     tag_NS = PyUnicode_InternFromString("NS");
-    if (!tag_S || !tag_N || !tag_M || !tag_L || !tag_BOOL || !tag_NULL || !tag_SS || !tag_NS) {
+    tag_B = PyUnicode_InternFromString("B");
+    tag_BS = PyUnicode_InternFromString("BS");
+    if (!tag_S || !tag_N || !tag_M || !tag_L || !tag_BOOL || !tag_NULL || !tag_SS || !tag_NS || !tag_B || !tag_BS) {
         return NULL;
     }
     return PyModule_Create(&module);

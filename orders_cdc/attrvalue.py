@@ -288,8 +288,9 @@ def _fast_value(av: dict[str, Any]) -> Any:
 
 
 # The same fast path in C (orders_cdc/_avfast.c), where it was built: 1.4-2.7x this one in B2. It
-# defers to _fast_number and _value exactly where the Python loop does, so results and
-# errors are the same; ORDERS_CDC_PURE_PYTHON=1 turns it off (to compare, or to debug).
+# defers to _fast_number and _value where the Python loop does, except that it also decodes
+# canonical base64 (B, BS) itself; results and errors are the same either way (test_attrvalue
+# runs on both). ORDERS_CDC_PURE_PYTHON=1 turns it off (to compare, or to debug).
 _py_fast_map, _py_fast_value = _fast_map, _fast_value
 try:
     from orders_cdc import _avfast

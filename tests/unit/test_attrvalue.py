@@ -539,3 +539,25 @@ def test_realistic_item_matches_boto3():
 def test_base64_helper_sanity():
     assert unmarshal(av(b"\x00\xff")) == b"\x00\xff"
     assert av(b"\x00\xff") == {"B": base64.b64encode(b"\x00\xff").decode()}
+
+
+# Base64 text near the edges of what b64decode(validate=True) accepts: the C path decodes B and
+# BS itself, so it must take exactly the same inputs, and give the same bytes.
+B64_EDGES = ["", "QQ==", "QR==", "QUI=", "QUJD", "QUJDRA==", "w6k=", "QQ", "Q===", "====", "A", "QQ=A",
+             "QQ==QQ==", "QQ= =", "QUJDR===", " QQ==", "QQ==\n", "QQ-_", "é", "QQ=="[:3]]
+
+
+@pytest.mark.parametrize("text", B64_EDGES)
+def test_binary_edges_agree_with_checked_path(text):
+    assert _public({"B": text}) == _checked({"B": text})
+    assert _public({"BS": [text]}) == _checked({"BS": [text]})
+    assert _public({"M": {"b": {"B": text}}}) == _checked({"M": {"b": {"B": text}}})
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="ABQRwx09+/=-_ \n\u00e9", max_size=12), st.binary(max_size=10))
+def test_base64_agrees_with_checked_path(text, data):
+    assert _public({"B": text}) == _checked({"B": text})
+    encoded = base64.b64encode(data).decode()
+    assert _public({"BS": [encoded, text]}) == _checked({"BS": [encoded, text]})
+    assert unmarshal({"B": encoded}) == data
