@@ -163,8 +163,16 @@ class Pipeline:
         for i, record in enumerate(batch.records):
             try:
                 change = batch.changes[i] = decode_kcl_record(record, batch.shard_id)
-                # Images are decoded lazily, so a corrupt image can first show up here.
+                # Routing reads only the attributes its predicates name (images are lazy), so a
+                # change that matches nothing is never fully decoded, and a corrupt image can
+                # first show up here.
                 matched = self.router.match(change)
+                if matched:
+                    # The handlers will read the whole images: decode them now, while the parsed
+                    # document is still in the CPU cache (B2: several times cheaper than on first
+                    # access after the batch is routed), and dead-letter a corrupt one before any
+                    # route acts on half a record.
+                    change.validate()
             except DecodeError as exc:
                 batch.dead_letter(i, exc, attempts=1)
                 continue

@@ -202,3 +202,31 @@ def test_corrupt_image_found_while_routing_is_dead_lettered():
     assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE]
     assert calls.seen == [["o-2"]]
     assert "XX" in dlq.letters[0].reason
+
+
+def test_corrupt_attribute_no_predicate_reads_is_dead_lettered_before_any_route_runs():
+    # Routing reads only "status"; the handlers would read "total". The record goes to the
+    # dead-letter queue once, with the attribute's path, and no route acts on half of it.
+    first, second = Calls(), Calls()
+    dlq = InMemoryDeadLetterSink()
+    p = pipeline([Route("first", "Orders", first.ok), Route("second", "Orders", second.ok)], dlq)
+    bad = kds_record("INSERT", new_av={"order_id": {"S": "o-1"}, "status": {"S": "pending"}, "total": {"N": "1E+200"}},
+                     keys={"order_id": "o-1"})
+    results = p.process(batch(bad, order("o-2", "pending", event="INSERT")), "s")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE]
+    assert first.seen == second.seen == [["o-2"]]
+    assert len(dlq.letters) == 1
+    assert dlq.letters[0].reason.startswith("NewImage.total: N value '1E+200' is outside DynamoDB's range")
+    assert dlq.letters[0].attempts == 1
+
+
+def test_change_that_matches_nothing_is_skipped_without_decoding_its_images():
+    calls = Calls()
+    dlq = InMemoryDeadLetterSink()
+    p = pipeline([Route("other", "Other", calls.ok)], dlq)
+    unread = kds_record("INSERT", new_av={"order_id": {"S": "o-1"}, "junk": {"BOGUS": "1"}}, keys={"order_id": "o-1"})
+    results = p.process(batch(unread), "s")
+    assert [r.outcome for r in results] == [Outcome.SKIPPED]
+    assert dlq.letters == [] and calls.seen == []
+    change = results[0].change
+    assert change._new_image is None  # never decoded: routing read nothing from it
