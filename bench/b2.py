@@ -13,10 +13,19 @@ batch is in the processor, then dropped. Candidates run interleaved; medians of 
 - orjson + TypeDeserializer: the same with orjson, to separate parsing from unmarshalling.
 - Powertools: base64 + ``json`` + ``DynamoDBRecord(...).dynamodb.keys/new_image/old_image``
   (Powertools leaves B values as base64 text: slightly less work than the others).
-- images only: ``unmarshal_map`` against TypeDeserializer on already-parsed documents (the
-  unmarshaller alone, without base64, JSON parsing and the envelope; the documents were parsed
-  earlier, as in the pipeline, where handlers unmarshal images after the whole batch is routed); also with the C fast
-  path (``orders_cdc/_avfast.c``) swapped for the pure-Python one it replaces.
+- the unmarshaller alone (keys and both images, without base64, JSON parsing and the envelope):
+  ours (``unmarshal_map``), the same with the C fast path (``orders_cdc/_avfast.c``) swapped for
+  the pure-Python one it replaces, and TypeDeserializer. Paired: the candidates take turns on
+  the same records within each batch, in an order that rotates record by record, so a slow
+  spell of this shared VM falls on all of them alike. Two ways:
+  - hot, as the pipeline runs it: each document is parsed with orjson and unmarshalled by each
+    candidate straight away, while it is still in the CPU cache (the pipeline decodes a
+    matched change's images right after routing it). Each call is timed (``perf_counter``);
+  - cold: each candidate on its own copy of the documents, parsed before the run started, so
+    the CPU cache has lost them: what handlers would pay unmarshalling after a whole batch.
+  The collector is paused while they run: its walks over the live batch start at whichever
+  allocation crosses the threshold (a parse or a candidate), and one full collection in a
+  timed call moves a figure by half. That favours TypeDeserializer, which allocates more.
 """
 
 from __future__ import annotations
@@ -87,42 +96,89 @@ def _powertools() -> Callable[[list[dict]], list[Any]] | None:
     return decode
 
 
-def _images_ours(docs: list[dict]) -> list[Any]:
+def _unmarshal_ours(doc: dict) -> Any:
     from orders_cdc.attrvalue import unmarshal_map
 
-    return [(unmarshal_map(d["dynamodb"]["Keys"]), unmarshal_map(d["dynamodb"].get("NewImage") or {}),
-             unmarshal_map(d["dynamodb"].get("OldImage") or {})) for d in docs]
+    ddb = doc["dynamodb"]
+    return unmarshal_map(ddb["Keys"]), unmarshal_map(ddb.get("NewImage") or {}), unmarshal_map(ddb.get("OldImage") or {})
 
 
-def _images_ours_pure_python(docs: list[dict]) -> list[Any]:
+def _pure_python(unmarshal: Callable[[dict], Any]) -> Callable[[dict], Any]:
     """The same, with the C fast path (orders_cdc/_avfast.c) swapped for the Python one."""
     from orders_cdc import attrvalue
 
-    saved = attrvalue._fast_map, attrvalue._fast_value
-    attrvalue._fast_map, attrvalue._fast_value = attrvalue._py_fast_map, attrvalue._py_fast_value
-    try:
-        return _images_ours(docs)
-    finally:
-        attrvalue._fast_map, attrvalue._fast_value = saved
+    def run(doc: dict) -> Any:
+        saved = attrvalue._fast_map, attrvalue._fast_value
+        attrvalue._fast_map, attrvalue._fast_value = attrvalue._py_fast_map, attrvalue._py_fast_value
+        try:
+            return unmarshal(doc)
+        finally:
+            attrvalue._fast_map, attrvalue._fast_value = saved
+
+    return run
 
 
-def _images_typedeserializer(docs: list[dict]) -> list[Any]:
+def _unmarshal_typedeserializer() -> Callable[[dict], Any]:
     deserialize = Deserializer().deserialize
-    return [tuple({k: deserialize(v) for k, v in (d["dynamodb"].get(name) or {}).items()}
-                  for name in ("Keys", "NewImage", "OldImage")) for d in docs]
+
+    def run(doc: dict) -> Any:
+        ddb = doc["dynamodb"]
+        return tuple({k: deserialize(v) for k, v in (ddb.get(name) or {}).items()} for name in ("Keys", "NewImage", "OldImage"))
+
+    return run
+
+
+def unmarshallers() -> dict[str, Callable[[dict], Any]]:
+    return {"ours": _unmarshal_ours, "ours_pure_python": _pure_python(_unmarshal_ours),
+            "typedeserializer": _unmarshal_typedeserializer()}
+
+
+def _paired(raws: list[bytes], batch: int, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds each unmarshaller spent per rep, {"hot": {name: [...]}, "cold": {...}}."""
+    funcs = unmarshallers()
+    names = list(funcs)
+    copies = {name: [orjson.loads(raw) for raw in raws] for name in names}  # cold: one copy each
+    clock = time.perf_counter
+    spent: dict[str, dict[str, list[float]]] = {how: {name: [] for name in names} for how in ("hot", "cold")}
+    enabled = gc.isenabled()
+    for _ in range(reps):
+        gc.collect()
+        gc.disable()
+        try:
+            hot, cold = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+            for start in range(0, len(raws), batch):
+                kept: list[Any] = []
+                for j, raw in enumerate(raws[start : start + batch]):
+                    doc = orjson.loads(raw)
+                    for k in range(len(names)):
+                        name = names[(j + k) % len(names)]
+                        t0 = clock()
+                        kept.append(funcs[name](doc))
+                        hot[name] += clock() - t0
+                for k in range(len(names)):
+                    name = names[(start // batch + k) % len(names)]
+                    f = funcs[name]
+                    t0 = clock()
+                    kept.extend([f(doc) for doc in copies[name][start : start + batch]])
+                    cold[name] += clock() - t0
+                del kept
+        finally:
+            if enabled:
+                gc.enable()
+        for name in names:
+            spent["hot"][name].append(hot[name])
+            spent["cold"][name].append(cold[name])
+    return spent
 
 
 def candidates() -> dict[str, Callable[[list[dict]], list[Any]] | None]:
-    """Candidates on the daemon's records; the *_images_only ones get parsed documents."""
+    """Whole-record candidates, on the daemon's records."""
     return {
         "ours": _ours,
         "ours_routing_read": _ours_routing,
         "typedeserializer": _type_deserializer(json.loads),
         "orjson_typedeserializer": _type_deserializer(orjson.loads),
         "powertools": _powertools(),
-        "ours_images_only": _images_ours,
-        "ours_pure_python_images_only": _images_ours_pure_python,
-        "typedeserializer_images_only": _images_typedeserializer,
     }
 
 
@@ -154,8 +210,6 @@ def _run(records: list[dict], payload_bytes: int, reps: int, batch: int, progres
     _check_equal(records[:200])
     funcs = {name: f for name, f in candidates().items() if f is not None}
     batches = [records[i : i + batch] for i in range(0, len(records), batch)]
-    docs = [orjson.loads(base64.b64decode(r["data"])) for r in records]
-    doc_batches = [docs[i : i + batch] for i in range(0, len(docs), batch)]
     cpu: dict[str, list[float]] = {name: [] for name in funcs}
     wall: dict[str, list[float]] = {name: [] for name in funcs}
     for rep in range(reps):
@@ -163,7 +217,7 @@ def _run(records: list[dict], payload_bytes: int, reps: int, batch: int, progres
         for name in order:
             gc.collect()
             c0, w0 = time.process_time(), time.perf_counter()
-            for chunk in doc_batches if name.endswith("_images_only") else batches:
+            for chunk in batches:
                 kept = funcs[name](chunk)
                 del kept
             cpu[name].append(time.process_time() - c0)
@@ -185,11 +239,20 @@ def _run(records: list[dict], payload_bytes: int, reps: int, batch: int, progres
     ours = out["candidates"]["ours"]["records_per_s"]
     out["ratio_vs_typedeserializer"] = round(ours / base, 2)
     out["routing_read_ratio_vs_typedeserializer"] = round(out["candidates"]["ours_routing_read"]["records_per_s"] / base, 2)
-    images = out["candidates"]
-    out["images_only_ratio_vs_typedeserializer"] = round(
-        images["ours_images_only"]["records_per_s"] / images["typedeserializer_images_only"]["records_per_s"], 2)
-    out["pure_python_images_only_ratio_vs_typedeserializer"] = round(
-        images["ours_pure_python_images_only"]["records_per_s"] / images["typedeserializer_images_only"]["records_per_s"], 2)
+    paired = _paired([base64.b64decode(r["data"]) for r in records], batch, reps)
+    out["unmarshaller"] = {"records": n, "runs": reps, "timing": "perf_counter per call (hot) or per batch (cold), "
+                           "collector paused; medians of the runs", "hot": {}, "cold": {}}
+    for how, spent in paired.items():
+        section = out["unmarshaller"][how]
+        for name, seconds in spent.items():
+            t = median(seconds)
+            section[name] = {"records_per_s": round(n / t), "us_per_record": round(t / n * 1e6, 1)}
+            progress(f"  B2 unmarshaller {how:4} {name:18} {n / t:>10,.0f} rec/s  {t / n * 1e6:7.1f} us/record")
+        usual = spent["typedeserializer"]
+        section["ratio_vs_typedeserializer"] = round(median(usual) / median(spent["ours"]), 2)
+        section["pure_python_ratio_vs_typedeserializer"] = round(median(usual) / median(spent["ours_pure_python"]), 2)
+        # Each run's own ratio too: the pairing should keep these close, whatever the VM does.
+        section["ratio_each_run"] = [round(u / o, 2) for u, o in zip(usual, spent["ours"])]
     from orders_cdc import attrvalue
 
     out["c_fast_path"] = attrvalue.ACCELERATED  # False: built without a C compiler; "ours" is pure Python
