@@ -149,7 +149,9 @@ def table(results: dict[str, Any]) -> Table:
             ratio = u["ratio_vs_typedeserializer"]
             t.add_row(f"   unmarshaller alone, {how} rec/s", _fmt(u["ours"]["records_per_s"]),
                       f"TypeDeserializer {_fmt(u['typedeserializer']['records_per_s'])} → ×{ratio} ({labels[how]}); "
-                      f"each run " + ", ".join(f"×{r}" for r in u["ratio_each_run"]), "≥ ×5", _verdict(ratio >= 5))
+                      f"each run " + ", ".join(f"×{r}" for r in u["ratio_each_run"]),
+                      # The target is on the unmarshaller as the pipeline runs it; cold is context.
+                      "≥ ×5" if how == "hot" else "", _verdict(ratio >= 5) if how == "hot" else "")
             t.add_row("      pure Python", _fmt(u["ours_pure_python"]["records_per_s"]),
                       f"→ ×{u['pure_python_ratio_vs_typedeserializer']} (C fast path "
                       f"{'on' if b2.get('c_fast_path') else 'NOT BUILT'} above)", "", "")
