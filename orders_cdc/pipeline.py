@@ -169,9 +169,9 @@ class Pipeline:
                 matched = self.router.match(change)
                 if matched:
                     # The handlers will read the whole images: decode them now, while the parsed
-                    # document is still in the CPU cache (B2: several times cheaper than on first
-                    # access after the batch is routed), and dead-letter a corrupt one before any
-                    # route acts on half a record.
+                    # document is still in the CPU cache (B2: 15.6 against 25.3 µs per record on
+                    # first access after the whole batch is routed), and dead-letter a corrupt one
+                    # before any route acts on half a record.
                     change.validate()
             except DecodeError as exc:
                 batch.dead_letter(i, exc, attempts=1)
