@@ -142,31 +142,6 @@ number(PyObject *v)
     return PyObject_CallOneArg(number_fn, v);
 }
 
-static PyObject *
-number_set(PyObject *v)
-{
-    Py_ssize_t i, n = PyList_GET_SIZE(v);
-    PyObject *out, *d;
-
-    if (!nonempty_strings(v)) {
-        return NULL; /* no exception set: the caller falls back */
-    }
-    out = PySet_New(NULL);
-    if (out == NULL) {
-        return NULL;
-    }
-    for (i = 0; i < n && i < PyList_GET_SIZE(v); i++) {
-        d = number(PyList_GET_ITEM(v, i));
-        if (d == NULL || PySet_Add(out, d) < 0) {
-            Py_XDECREF(d);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(d);
-    }
-    return out;
-}
-
 /* Base64 text -> bytes, for exactly the inputs base64.b64decode(v, validate=True) accepts with
  * nothing to say: ASCII, a length that is a multiple of 4, only the standard alphabet, at
  * most two '=' and only at the end. Like it (binascii in non-strict mode), the unused low
@@ -230,27 +205,30 @@ binary(PyObject *v)
     return result;
 }
 
+/* NS and BS: a wire set (a non-empty list of strings) -> a set of each string converted.
+ * NULL without an exception when an element is not a string or `convert` gives up
+ * (binary() does, on unusual base64): the caller falls back to the checked converter. */
 static PyObject *
-binary_set(PyObject *v)
+converted_set(PyObject *v, PyObject *(*convert)(PyObject *))
 {
     Py_ssize_t i, n = PyList_GET_SIZE(v);
-    PyObject *out, *b;
+    PyObject *out, *item;
 
     if (!nonempty_strings(v)) {
-        return NULL; /* no exception set: the caller falls back */
+        return NULL;
     }
     out = PySet_New(NULL);
     if (out == NULL) {
         return NULL;
     }
     for (i = 0; i < n && i < PyList_GET_SIZE(v); i++) {
-        b = binary(PyList_GET_ITEM(v, i));
-        if (b == NULL || PySet_Add(out, b) < 0) {
-            Py_XDECREF(b);
+        item = convert(PyList_GET_ITEM(v, i));
+        if (item == NULL || PySet_Add(out, item) < 0) {
+            Py_XDECREF(item);
             Py_DECREF(out);
-            return NULL; /* an exception only if PySet_Add or an allocation failed */
+            return NULL;
         }
-        Py_DECREF(b);
+        Py_DECREF(item);
     }
     return out;
 }
@@ -308,7 +286,7 @@ fast_value_impl(PyObject *av)
     }
     else if (tag_is(tag, tag_NS)) {
         if (PyList_CheckExact(v)) {
-            d = number_set(v);
+            d = converted_set(v, number);
             if (d != NULL || PyErr_Occurred()) {
                 return d;
             }
@@ -322,7 +300,7 @@ fast_value_impl(PyObject *av)
     }
     else if (tag_is(tag, tag_BS)) {
         if (PyList_CheckExact(v)) {
-            d = binary_set(v);
+            d = converted_set(v, binary);
             if (d != NULL || PyErr_Occurred()) {
                 return d;
             }
