@@ -189,6 +189,13 @@ def _check_equal(records: list[dict]) -> None:
     for (_, keys, new, old), (_, k2, n2, o2) in zip(ours, usual):
         if (keys, new, old) != (k2, n2, o2):
             raise AssertionError(f"ours and TypeDeserializer disagree on {keys}")
+    # The unmarshallers timed alone too (the pure-Python path included).
+    funcs = unmarshallers()
+    for record in records:
+        doc = orjson.loads(base64.b64decode(record["data"]))
+        first, *others = (tuple(f(doc)) for f in funcs.values())
+        if any(other != first for other in others):
+            raise AssertionError(f"the unmarshallers disagree on {doc['dynamodb']['Keys']}")
 
 
 def run(records: list[dict], payload_bytes: int, reps: int = 5, batch: int = 1000, progress=print) -> dict[str, Any]:
