@@ -11,18 +11,21 @@ from botocore.config import Config
 
 from orders_cdc.breaker import BreakerPolicy
 from orders_cdc.checkpointing import CheckpointPolicy
+from orders_cdc.concurrency import CallPool
 from orders_cdc.consumer import ChangeProcessor
 from orders_cdc.deadletter import SqsDeadLetterSink
 from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
-from orders_cdc.ordering import DynamoDbHighWaterMarkStore
 from orders_cdc.pipeline import Pipeline
+from orders_cdc.ratelimit import TokenBucket
 from orders_cdc.retry import RetryPolicy
 from orders_cdc.routing import Router
 from orders_cdc.settings import Settings
 
 # Handlers retry at the record level with their own policy; keep the SDK's retries short
-# so a dead downstream surfaces quickly instead of hiding inside one call.
-_SDK_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=3, read_timeout=15)
+# so a dead downstream surfaces quickly instead of hiding inside one call. DynamoDB answers
+# in milliseconds: seconds, not botocore's 60, before a call counts as hung.
+_TIMEOUTS = {"dynamodb": {"connect_timeout": 2, "read_timeout": 5}}
+_DEFAULT_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 15}
 
 
 class Clients:
@@ -34,7 +37,11 @@ class Clients:
         self._queue_urls: dict[str, str] = {}
 
     def _client(self, service: str):
-        return self._session.client(service, endpoint_url=self._settings.endpoint(service), config=_SDK_CONFIG)
+        # One pooled connection per call in flight: botocore's default pool (10) would open
+        # and throw away a connection, with its handshakes, for every call past the tenth.
+        config = Config(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=self._settings.max_in_flight,
+                        **_TIMEOUTS.get(service, _DEFAULT_TIMEOUTS))
+        return self._session.client(service, endpoint_url=self._settings.endpoint(service), config=config)
 
     # cached_property: created on first use, once; a handler that is never routed to
     # costs nothing at start-up.
@@ -70,16 +77,15 @@ class Context:
 
     settings: Settings
     clients: Clients
+    ses_rate: TokenBucket | None = None  # this worker's share of the account's SES sending quota
 
 
-# How each route's reactions are kept to one per change, for the routes that do not say so
-# themselves (a Route left at the defaults). Every other route keeps the default: a lock
-# per change (emails, refunds, inventory movements: one downstream call per change anyway).
 def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
     """The record path, shared by the daemon's children and `orders-cdc dlq redrive`."""
     from processors import all_routes
 
-    ctx = Context(settings, clients)
+    rate = settings.ses_max_send_rate
+    ctx = Context(settings, clients, TokenBucket(rate, burst=rate) if rate else None)
     table = settings.resources.idempotency_table
     return Pipeline(
         router=Router(all_routes(settings.resources)),
@@ -93,8 +99,8 @@ def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
         ),
         idempotency=DynamoDbIdempotencyStore(clients.dynamodb, table, ttl_seconds=settings.idempotency_ttl_seconds,
                                              lock_seconds=settings.idempotency_lock_seconds),
-        high_water_marks=DynamoDbHighWaterMarkStore(clients.dynamodb, table, ttl_seconds=settings.idempotency_ttl_seconds),
         breaker=BreakerPolicy(settings.breaker_threshold, settings.breaker_open_seconds, settings.breaker_max_open_seconds),
+        pool=CallPool(capacity=settings.max_in_flight),
         handler_timeout_seconds=settings.handler_timeout_seconds,
         batch_deadline_seconds=settings.batch_deadline_seconds,
     )

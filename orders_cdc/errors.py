@@ -83,10 +83,24 @@ _RETRYABLE_CODES = frozenset(
 )
 
 
+_THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "ThrottledException", "TooManyRequestsException"})
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ClientError ("" for anything else)."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "") or ""
+    return ""
+
+
+def is_throttling(exc: BaseException) -> bool:
+    """The service asks us to slow down: a rate, not a failure of this record or route."""
+    return error_code(exc) in _THROTTLING_CODES
+
+
 def _client_error_is_transient(exc: ClientError) -> bool:
-    err = exc.response.get("Error", {})
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return err.get("Code") in _RETRYABLE_CODES or status >= 500 or status == 429
+    return error_code(exc) in _RETRYABLE_CODES or status >= 500 or status == 429
 
 
 def is_transient(exc: BaseException) -> bool:

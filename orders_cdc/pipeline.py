@@ -1,27 +1,33 @@
-"""Batch -> outcomes: decode, route, run handlers once per change, retry, dead-letter.
+"""Batch -> outcomes: decode, route, run the handlers concurrently, retry, dead-letter.
 
 Every record of a batch ends with exactly one outcome, and `process` returns only when
-every record is settled (done, skipped, a duplicate, stale, or durably dead-lettered); if
-it cannot settle them within `batch_deadline_seconds` it raises FatalProcessingError and
-the child exits unacknowledged: the daemon restarts the shard from the last checkpoint.
+every record is settled (done, skipped, a duplicate, or durably dead-lettered); if it
+cannot settle them within `batch_deadline_seconds` it raises FatalProcessingError and the
+child exits unacknowledged: the daemon restarts the shard from the last checkpoint.
 
-The unit of work is a *task*, one (route, record) pair:
+The unit of work is a *task*, one (route, record) pair. The batch is worked in *rounds*:
+each round takes every task that is ready, cuts each route's into handler calls, and runs
+all of the round's calls at once on the pool (bounded: `pool.capacity` calls in flight,
+the rest wait in line). Within a route, one item's (order's) tasks are never in two calls
+of a round, and a call gets them in stream order; a `per_change` route gets one change
+per call, so one item's changes on it run one after the other, round by round.
 - Idempotency (route.idempotency; see idempotency/guard.py): already-COMPLETED reactions
-  are found with one BatchGetItem per 100 keys and become DUPLICATE without a call.
-- Ordering (route.ordered): a task runs only if its change is newer than the item's
-  high-water mark (else STALE or DUPLICATE), one change per item per handler call.
+  are found with one BatchGetItem per 100 keys and become DUPLICATE without a call. The
+  round's PER_CHANGE locks are taken together before its calls, and its markers written
+  together after them.
 - Per-key fail-fast: a task that failed holds the later tasks of the same item on the
   same route (their order matters); other items go on.
-- Each handler call has a deadline (a hung call is a retryable failure).
+- Each call has a deadline (a hung call is a retryable failure; see concurrency.py).
 - A circuit breaker per route tells an outage from a bad record: while it is open the
   route is not called, records keep their attempts, and the batch waits (see breaker.py).
+- What happens after a failure is `retry.decide`, a pure function of the failure.
 
 DynamoDB calls this layer adds (idempotency table), per record routed:
 - every idempotent route: BatchGetItem, 1 per 100 (route, change) keys of the batch;
-- PER_CHANGE: + 1 conditional PutItem (the lock) + BatchWriteItem 1 per 25 (markers);
+- PER_CHANGE: + TransactWriteItems 1 per 100 locks + BatchWriteItem 1 per 25 markers;
 - ATOMIC: the markers ride in the route's own TransactWriteItems (100 items each, shared
   with the counter updates): no call of their own;
-- OFF: nothing; ordered: + BatchGetItem 1 per 100 items, + 1 UpdateItem per item per batch.
+- OFF: nothing.
 A redelivered batch costs only the reads.
 """
 
@@ -32,81 +38,78 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from enum import StrEnum
 from typing import Any
 
 from orders_cdc.breaker import BreakerPolicy, CircuitBreaker, State
 from orders_cdc.change import ChangeRecord, DecodeError, decode_kcl_record
+from orders_cdc.concurrency import Call, CallPool, Pool
 from orders_cdc.deadletter import DeadLetter, DeadLetterSink
-from orders_cdc.errors import DeferredError, FatalProcessingError, PartialBatchFailure, is_retryable, is_transient
+from orders_cdc.errors import DeferredError, FatalProcessingError, PartialBatchFailure, is_retryable
 from orders_cdc.idempotency.base import IdempotencyStore
-from orders_cdc.idempotency.guard import IdempotencyGuard, durably
+from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.idempotency.keys import images_digest, item_id, reaction_key
-from orders_cdc.ordering import HighWaterMarkStore, Verdict, compare, mark_key, version
-from orders_cdc.retry import RetryPolicy, ThreadRunner
+from orders_cdc.outcomes import Outcome, RecordResult
+from orders_cdc.retry import RetryPolicy, Verdict, decide
 from orders_cdc.routing import Idempotency, Route, Router
 
+__all__ = ["Outcome", "Pipeline", "RecordResult"]
+
 log = logging.getLogger(__name__)
-_MIN_WAIT = 0.01
 
 
-class Outcome(StrEnum):
-    DONE = "done"
-    SKIPPED = "skipped"  # no route matched
-    DUPLICATE = "duplicate"  # every reaction was done before (redelivery, KDS duplicate, replay)
-    STALE = "stale"  # older than what an ordered route already applied
-    DEAD_LETTERED = "dead_lettered"
+@dataclass(eq=False)
+class _Record:
+    """One record of the batch and everything the pipeline knows of it."""
 
-
-@dataclass(frozen=True, slots=True)
-class RecordResult:
-    sequence_number: str
-    sub_sequence_number: int
-    outcome: Outcome
+    index: int
+    raw: dict
     change: ChangeRecord | None = None
-    reason: str | None = None
-    routes: tuple[tuple[str, Outcome], ...] = ()  # per route, for the record's routed changes
+    item: str = ""
+    routed: dict[str, Outcome] | None = None  # None: no route matched; else route -> outcome so far
+    letter: tuple[BaseException, int, list[str]] | None = None  # (why, attempts, routes) once dead-lettered
+    _digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = images_digest(self.change)
+        return self._digest
+
+    @property
+    def ident(self) -> str:
+        return f"{self.raw.get('sequenceNumber')}/{self.raw.get('subSequenceNumber') or 0}"
+
+    def dead_letter(self, exc: BaseException, attempts: int, route: str | None = None) -> None:
+        _, before, routes = self.letter or (exc, 0, [])
+        self.letter = (exc, max(before, attempts), routes + ([route] if route else []))
+        if route and self.routed is not None:
+            self.routed[route] = Outcome.DEAD_LETTERED
 
 
 @dataclass(eq=False)
 class _Task:
     route: Route
-    index: int
-    item: str
+    record: _Record
     key: str | None = None  # idempotency key
-    mark: str | None = None  # high-water-mark key (ordered routes)
-    version: str = ""
     attempts: int = 0
     held: bool = False  # failed or deferred: later tasks of the item wait for it
     not_before: float = 0.0
     first_failed_at: float | None = None
 
+    @property
+    def settled(self) -> bool:
+        return self.route.name in (self.record.routed or {})
 
-@dataclass
-class _Batch:
-    records: Sequence[dict]
-    shard_id: str
-    changes: list[ChangeRecord | None]
-    started: float
-    letters: dict[int, tuple[BaseException, int, list[str]]] = field(default_factory=dict)
-    routed: dict[int, dict[str, Outcome]] = field(default_factory=dict)
-    digests: dict[int, str] = field(default_factory=dict)
-    marks: dict[str, str] = field(default_factory=dict)  # high-water marks: stored, then applied here
-    advanced: dict[str, str] = field(default_factory=dict)  # marks to write before returning
+    def settle(self, outcome: Outcome) -> None:
+        self.record.routed[self.route.name] = outcome  # type: ignore[index]
 
-    def digest(self, i: int) -> str:
-        if i not in self.digests:
-            self.digests[i] = images_digest(self.changes[i])
-        return self.digests[i]
 
-    def settle(self, task: _Task, outcome: Outcome) -> None:
-        self.routed[task.index][task.route.name] = outcome
+@dataclass(eq=False)
+class _Unit:
+    """One handler call of a round."""
 
-    def dead_letter(self, i: int, exc: BaseException, attempts: int, route: str | None = None) -> None:
-        _, before, routes = self.letters.get(i, (exc, 0, []))
-        self.letters[i] = (exc, max(before, attempts), routes + ([route] if route else []))
-        if route:
-            self.routed[i][route] = Outcome.DEAD_LETTERED
+    route: Route
+    tasks: list[_Task]
 
 
 @dataclass
@@ -119,14 +122,13 @@ class Pipeline:
     clock: Callable[[], float] = time.time  # epoch seconds: record ages, deadlines, leases
     dead_letter_attempts: int = 5
     idempotency: IdempotencyStore | None = None  # None: every route is at-least-once
-    high_water_marks: HighWaterMarkStore | None = None  # None: ordered routes order within a batch only
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
-    runner: Callable[[Callable[[], None], float], None] = field(default_factory=ThreadRunner)
+    pool: Pool = field(default_factory=CallPool)
     handler_timeout_seconds: float = 60.0
     batch_deadline_seconds: float = 240.0  # below the daemon's timeoutInSeconds (300)
-    lock_call_size: int = 25  # PER_CHANGE routes: changes per handler call (= one BatchWriteItem of markers)
     _breakers: dict[str, CircuitBreaker] = field(default_factory=dict, init=False, repr=False)
     _guard: IdempotencyGuard = field(init=False, repr=False)
+    _shard: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._guard = IdempotencyGuard(self.idempotency, self.clock, self.sleep)
@@ -142,222 +144,247 @@ class Pipeline:
         return self._breakers[route.name]
 
     def process(self, records: Sequence[dict], shard_id: str) -> list[RecordResult]:
-        batch = _Batch(records, shard_id, [None] * len(records), self.clock())
-        work = self._decode_and_route(batch)
-        pending = self._plan(work, batch)
+        started = self.clock()
+        self._shard = shard_id
+        batch = [_Record(i, raw) for i, raw in enumerate(records)]
+        pending = self._plan(self._decode_and_route(batch, shard_id), batch)
         while pending:
-            self._round(pending, batch)
-        if batch.advanced and self.high_water_marks is not None:
-            # Before the checkpoint can pass these changes: a lost mark would let an older
-            # change through later.
-            durably("advance high-water marks", lambda: self.high_water_marks.advance_many(batch.advanced, self.clock()),
-                    self.sleep)
-        if batch.letters:
-            self._send_dead_letters([self._letter(batch, i, *v) for i, v in sorted(batch.letters.items())])
-        return [self._result(batch, i) for i in range(len(records))]
+            self._round(pending, started)
+        letters = [self._letter(r, shard_id) for r in batch if r.letter is not None]
+        if letters:
+            self._send_dead_letters(letters)
+        return [_result(r) for r in batch]
 
     # -- planning -------------------------------------------------------------------------
 
-    def _decode_and_route(self, batch: _Batch) -> dict[Route, list[int]]:
-        work: dict[Route, list[int]] = {}
-        for i, record in enumerate(batch.records):
+    def _decode_and_route(self, batch: list[_Record], shard_id: str) -> dict[Route, list[_Record]]:
+        work: dict[Route, list[_Record]] = {}
+        for record in batch:
             try:
-                change = batch.changes[i] = decode_kcl_record(record, batch.shard_id)
+                change = record.change = decode_kcl_record(record.raw, shard_id)
                 # Routing reads only the attributes its predicates name (images are lazy), so a
                 # change that matches nothing is never fully decoded, and a corrupt image can
                 # first show up here.
                 matched = self.router.match(change)
                 if matched:
                     # The handlers will read the whole images: decode them now, while the parsed
-                    # document is still in the CPU cache (B2: 15.6 against 25.3 µs per record on
-                    # first access after the whole batch is routed), and dead-letter a corrupt one
-                    # before any route acts on half a record.
+                    # document is still in the CPU cache, and dead-letter a corrupt one before
+                    # any route acts on half a record.
                     change.validate()
+                    record.item = item_id(change)
             except DecodeError as exc:
-                batch.dead_letter(i, exc, attempts=1)
+                record.dead_letter(exc, attempts=1)
                 continue
             if matched:
-                batch.routed[i] = {}
+                record.routed = {}
             for route in matched:
-                work.setdefault(route, []).append(i)
+                work.setdefault(route, []).append(record)
         return work
 
-    def _plan(self, work: dict[Route, list[int]], batch: _Batch) -> dict[Route, list[_Task]]:
+    def _plan(self, work: dict[Route, list[_Record]], batch: list[_Record]) -> dict[Route, list[_Task]]:
         pending: dict[Route, list[_Task]] = {}
-        for route, indices in work.items():
+        for route, records in work.items():
             idempotent = self._guard.mode(route) is not Idempotency.OFF
             seen: set[str] = set()
             tasks = pending[route] = []
-            for i in indices:
-                change = batch.changes[i]
-                task = _Task(route, i, item_id(change))
+            for record in records:
+                task = _Task(route, record)
                 if idempotent:
-                    task.key = reaction_key(route.name, change, batch.digest(i))
+                    task.key = reaction_key(route.name, record.change, record.digest)
                     if task.key in seen:  # the same change twice in one batch
-                        batch.settle(task, Outcome.DUPLICATE)
+                        task.settle(Outcome.DUPLICATE)
                         continue
                     seen.add(task.key)
-                if route.ordered:
-                    task.mark, task.version = mark_key(route.name, change), version(change, batch.digest(i))
                 tasks.append(task)
         every = [t for tasks in pending.values() for t in tasks]
         done = self._guard.completed([t.key for t in every if t.key])
-        marks = [t.mark for t in every if t.mark]
-        if marks and self.high_water_marks is not None:
-            batch.marks = durably("read high-water marks", lambda: self.high_water_marks.get_many(marks), self.sleep)
         for task in (t for t in every if t.key in done):
-            batch.settle(task, Outcome.DUPLICATE)
+            task.settle(Outcome.DUPLICATE)
         return {route: left for route, tasks in pending.items() if (left := [t for t in tasks if t.key not in done])}
 
-    # -- the retry loop -------------------------------------------------------------------
+    # -- one round ------------------------------------------------------------------------
 
-    def _round(self, pending: dict[Route, list[_Task]], batch: _Batch) -> None:
-        """Call every route that has tasks ready; if none had, sleep until one will."""
+    def _round(self, pending: dict[Route, list[_Task]], started: float) -> None:
+        """Run every call that is ready, all at once; if none was, sleep until one will be."""
         now = self.clock()
-        if now - batch.started >= self.batch_deadline_seconds:
-            left = {t.index for tasks in pending.values() for t in tasks}
+        deadline = started + self.batch_deadline_seconds
+        if now >= deadline:
+            left = {t.record.index for tasks in pending.values() for t in tasks}
             raise FatalProcessingError(
                 f"{len(left)} record(s) unsettled after {self.batch_deadline_seconds:.0f}s"
                 f" (routes: {', '.join(sorted(r.name for r in pending))})"
             )
-        wakes, called = [], False
-        for route in list(pending):
+        units, wakes = [], []
+        for route, tasks in pending.items():
             breaker = self.breaker_for(route)
             allowance = breaker.allowance()
             if allowance == 0:
                 wakes.append(breaker.ready_at)
                 continue
-            ready, wake = self._ready(route, pending[route], batch, now)
+            ready, wake = _ready(tasks, now)
             if wake is not None:
                 wakes.append(wake)
-            if allowance == 1:
-                ready = ready[:1]
-            size = self.lock_call_size if self._guard.mode(route) is Idempotency.PER_CHANGE else len(ready) or 1
-            for start in range(0, len(ready), size):
-                called = True
-                self._attempt(route, ready[start : start + size], batch)
-                if breaker.state is not State.CLOSED:
-                    break  # it just opened: stop calling a route that is down
-            pending[route] = [t for t in pending[route] if t.route.name not in batch.routed.get(t.index, {})]
+            units += _units(route, ready[:1] if allowance == 1 else ready)
+        if not units:
+            self.sleep(max(0.0, min(wakes + [deadline]) - now))
+            return
+        failed = self._lock(units)
+        units = [u for u in units if u.tasks]
+        # ATOMIC routes' commits run one after the other, in one call: concurrent transactions
+        # on the same counter items (two inventory routes, one day's metrics) would cancel
+        # each other (TransactionConflict).
+        atomic = [u for u in units if self._guard.mode(u.route) is Idempotency.ATOMIC]
+        units = [u for u in units if u not in atomic] + atomic
+        calls = [self._call_of(u) for u in units[: len(units) - len(atomic)]]
+        if atomic:
+            fns = [self._call_of(u).fn for u in atomic]
+            calls.append(Call(lambda: [_outcome(fn) for fn in fns]))
+        results = self.pool.run(calls, self.handler_timeout_seconds, deadline - now)
+        if atomic:
+            last = results.pop()
+            results += last if isinstance(last, list) else [last] * len(atomic)
+        outcomes = [(unit, self._result_of(unit, result)) for unit, result in zip(units, results)]
+        self._finish(outcomes, failed)
+        for task, exc in failed:
+            self._failed(task, exc)
+        for unit, result in outcomes:
+            self._settle(unit, result)
+        for route in list(pending):
+            pending[route] = [t for t in pending[route] if not t.settled]
             if not pending[route]:
                 del pending[route]
-        if pending and not called:
-            until = min(wakes + [batch.started + self.batch_deadline_seconds])
-            self.sleep(max(0.0, until - now))
 
-    def _ready(self, route: Route, tasks: list[_Task], batch: _Batch, now: float) -> tuple[list[_Task], float | None]:
-        ready, blocked, wake = [], set(), None
-        for task in tasks:
-            if task.item in blocked:
-                continue
-            if route.ordered:
-                verdict = compare(task.version, batch.marks.get(task.mark))
-                if verdict is not Verdict.NEWER:
-                    batch.settle(task, Outcome(verdict.value))  # dropped from `tasks` by the caller
+    def _lock(self, units: list[_Unit]) -> list[tuple[_Task, BaseException]]:
+        """Take the PER_CHANGE locks of the round in one go; drops from each unit the tasks
+        that are duplicates (settled) or could not be locked (returned, to be decided)."""
+        per_change = [t for u in units if self._guard.mode(u.route) is Idempotency.PER_CHANGE for t in u.tasks]
+        if not per_change:
+            return []
+        locked, duplicate, refused = self._guard.lock([t.key for t in per_change])
+        failed = []
+        for task in per_change:
+            if task.key in duplicate:
+                task.settle(Outcome.DUPLICATE)
+            elif task.key in refused:
+                failed.append((task, refused[task.key]))
+        for unit in units:
+            if self._guard.mode(unit.route) is Idempotency.PER_CHANGE:
+                unit.tasks = [t for t in unit.tasks if t.key in locked]
+        return failed
+
+    def _call_of(self, unit: _Unit) -> Call:
+        changes = [t.record.change for t in unit.tasks]
+        route = unit.route
+        if self._guard.mode(route) is Idempotency.ATOMIC:
+            keys = [t.key for t in unit.tasks]
+            return Call(lambda: self._guard.atomic(changes, keys, lambda cs: self._handle(route, cs)))
+
+        def run() -> CallResult:
+            failures, _ = self._handle(route, changes)
+            return CallResult(done=[j for j in range(len(changes)) if j not in failures], failed=failures)
+
+        on_late = None
+        if self._guard.mode(route) is Idempotency.PER_CHANGE:
+            keys = [t.key for t in unit.tasks]
+            on_late = lambda result: self._guard.late([keys[j] for j in getattr(result, "done", ())])  # noqa: E731
+        return Call(run, on_late)
+
+    def _handle(self, route: Route, changes: Sequence[ChangeRecord]) -> tuple[dict[int, BaseException], Any]:
+        """Call the route's handler; ({index: why} for the changes it failed, its output)."""
+        if route.per_change:
+            failures: dict[int, BaseException] = {}
+            failed_items: set[str] = set()
+            for j, change in enumerate(changes):
+                item = item_id(change)
+                if item in failed_items:
+                    failures[j] = DeferredError("held: an earlier change of this item failed")
                     continue
-                blocked.add(task.item)  # one change per item per call, oldest first
-            elif task.held:
-                blocked.add(task.item)
-            if task.not_before <= now:
-                ready.append(task)
-            else:
-                wake = task.not_before if wake is None else min(wake, task.not_before)
-        return ready, wake
-
-    def _attempt(self, route: Route, tasks: list[_Task], batch: _Batch) -> None:
-        remaining = batch.started + self.batch_deadline_seconds - self.clock()
-        timeout = max(0.0, min(self.handler_timeout_seconds, remaining))
-        changes = [batch.changes[t.index] for t in tasks]
-        result = self._guard.run(route, changes, [t.key for t in tasks], lambda cs: self._call(route, cs, timeout))
-        breaker = self.breaker_for(route)
-        breaker.record(
-            len(result.done),
-            [_record_id(batch, tasks[j].index) for j, exc in result.failed.items()
-             if is_retryable(exc) and not isinstance(exc, DeferredError)],
-        )
-        for j in result.done:
-            batch.settle(tasks[j], Outcome.DONE)
-            if route.ordered:
-                batch.marks[tasks[j].mark] = batch.advanced[tasks[j].mark] = tasks[j].version
-        for j in result.duplicate:
-            batch.settle(tasks[j], Outcome.DUPLICATE)
-        for j, exc in result.failed.items():
-            self._failed(tasks[j], exc, breaker, batch)
-        if result.failed:
-            first = next(iter(result.failed.values()))
-            log.warning("changes failed", extra={"shard": batch.shard_id, "route": route.name, "failed": len(result.failed),
-                                                 "of": len(tasks), "error": repr(first), "circuit": breaker.state.value})
-
-    def _call(self, route: Route, changes: Sequence[ChangeRecord], timeout: float) -> tuple[dict[int, BaseException], Any]:
-        output: list[Any] = [None]
-
-        def invoke() -> None:
-            output[0] = route.handler(changes, self.ctx)
-
+                try:
+                    route.handler(change, self.ctx)
+                except FatalProcessingError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
+                    failures[j] = exc
+                    failed_items.add(item)
+            return failures, None
         try:
-            self.runner(invoke, timeout)
+            return {}, route.handler(changes, self.ctx)
         except PartialBatchFailure as partial:
             return dict(partial.failures), None
         except FatalProcessingError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
-            return {i: exc for i in range(len(changes))}, None
-        return {}, output[0]
+            return {j: exc for j in range(len(changes))}, None
 
-    def _failed(self, task: _Task, exc: BaseException, breaker: CircuitBreaker, batch: _Batch) -> None:
-        now = self.clock()
-        task.held = True
+    def _result_of(self, unit: _Unit, result: Any) -> CallResult:
+        if isinstance(result, FatalProcessingError):
+            raise result
+        if isinstance(result, BaseException):  # the call itself failed: a timeout, not started, a bug
+            return CallResult(failed={j: result for j in range(len(unit.tasks))})
+        return result
+
+    def _finish(self, outcomes: list[tuple[_Unit, CallResult]], refused: list[tuple[_Task, BaseException]]) -> None:
+        """The round's PER_CHANGE markers (durable before anything settles) and releases."""
+        done, failed = [], {}
+        for unit, result in outcomes:
+            if self._guard.mode(unit.route) is Idempotency.PER_CHANGE:
+                done += [unit.tasks[j].key for j in result.done]
+                failed.update({unit.tasks[j].key: exc for j, exc in result.failed.items()})
+        if done or failed:
+            self._guard.finish(done, failed)
+
+    def _settle(self, unit: _Unit, result: CallResult) -> None:
+        route, tasks = unit.route, unit.tasks
+        breaker = self.breaker_for(route)
+        breaker.record(
+            len(result.done),
+            [tasks[j].record.ident for j, exc in result.failed.items()
+             if is_retryable(exc) and not isinstance(exc, DeferredError)],
+        )
+        for j in result.done:
+            tasks[j].settle(Outcome.DONE)
+        for j in result.duplicate:
+            tasks[j].settle(Outcome.DUPLICATE)
+        for j, exc in result.failed.items():
+            self._failed(tasks[j], exc)
+        if result.failed:
+            first = next(iter(result.failed.values()))
+            log.warning("changes failed", extra={"shard": self._shard, "route": route.name, "failed": len(result.failed), "of": len(tasks),
+                                                 "error": repr(first), "circuit": breaker.state.value})
+
+    def _failed(self, task: _Task, exc: BaseException) -> None:
         if isinstance(exc, FatalProcessingError):
             raise exc
-        if isinstance(exc, DeferredError):  # held elsewhere: wait, spend no attempt
-            until = exc.until if exc.until is not None else now + self.retry.backoff(1)
-            task.not_before = max(until, now + _MIN_WAIT)  # never spin on a clock that has not moved
+        now = self.clock()
+        breaker = self.breaker_for(task.route)
+        task.held = True
+        if task.first_failed_at is None and not isinstance(exc, DeferredError):
+            task.first_failed_at = now
+        decision = decide(
+            self.retry, exc, attempts=task.attempts, now=now,
+            age=now - task.record.change.created_at.timestamp(),
+            circuit_closed=breaker.state is State.CLOSED, probe_at=breaker.ready_at,
+            worked_since_first_failure=breaker.succeeded_since(task.first_failed_at or now),
+        )
+        task.attempts = decision.attempts
+        if decision.verdict is Verdict.DEAD_LETTER:
+            task.record.dead_letter(exc, decision.attempts, task.route.name)
             return
-        task.first_failed_at = task.first_failed_at if task.first_failed_at is not None else now
-        if not is_retryable(exc):
-            batch.dead_letter(task.index, exc, max(1, task.attempts + 1), task.route.name)
-            return
-        if breaker.state is not State.CLOSED:
-            # This call opened the circuit, or was a failed probe: an outage, not this record.
+        if decision.verdict is Verdict.TRIP:
+            breaker.trip(f"record {task.record.ident} out of attempts, route not working")
             task.not_before = breaker.ready_at
             return
-        task.attempts += 1
-        age = now - batch.changes[task.index].created_at.timestamp()
-        if self.retry.should_retry(task.attempts, exc, age):
-            task.not_before = now + self.retry.backoff(task.attempts)
-            return
-        too_old = self.retry.max_record_age_seconds and age > self.retry.max_record_age_seconds
-        if is_transient(exc) and not too_old and not breaker.succeeded_since(task.first_failed_at):
-            # Attempts used up on outage-type errors while the route has not worked once
-            # since: no evidence that the record is at fault. Hold it and probe.
-            breaker.trip(f"record {_record_id(batch, task.index)} out of attempts, route not working")
-            task.not_before = breaker.ready_at
-            return
-        batch.dead_letter(task.index, exc, task.attempts, task.route.name)
+        task.not_before = decision.at
 
-    # -- results and dead letters -----------------------------------------------------------
+    # -- dead letters -----------------------------------------------------------------------
 
-    def _result(self, batch: _Batch, i: int) -> RecordResult:
-        record = batch.records[i]
-        seq, sub = record["sequenceNumber"], int(record.get("subSequenceNumber") or 0)
-        routes = tuple(sorted(batch.routed.get(i, {}).items()))
-        if i in batch.letters:
-            return RecordResult(seq, sub, Outcome.DEAD_LETTERED, batch.changes[i], _reason(batch.letters[i][0]), routes)
-        outcomes = {o for _, o in routes}
-        if not outcomes:
-            return RecordResult(seq, sub, Outcome.SKIPPED, batch.changes[i])
-        for outcome in (Outcome.DONE, Outcome.STALE, Outcome.DUPLICATE):
-            if outcome in outcomes:
-                return RecordResult(seq, sub, outcome, batch.changes[i], None, routes)
-        raise AssertionError(f"record {i} has no settled outcome: {routes}")
-
-    def _letter(self, batch: _Batch, i: int, exc: BaseException, attempts: int, routes: list[str]) -> DeadLetter:
-        record = batch.records[i]
+    def _letter(self, record: _Record, shard_id: str) -> DeadLetter:
+        exc, attempts, routes = record.letter  # type: ignore[misc]
         return DeadLetter(
-            record=record,
-            shard_id=batch.shard_id,
-            sequence_number=record.get("sequenceNumber", ""),
-            sub_sequence_number=int(record.get("subSequenceNumber") or 0),
+            record=record.raw,
+            shard_id=shard_id,
+            sequence_number=record.raw.get("sequenceNumber", ""),
+            sub_sequence_number=int(record.raw.get("subSequenceNumber") or 0),
             reason=_reason(exc),
             error_type=type(exc).__name__,
             attempts=attempts,
@@ -386,10 +413,69 @@ class Pipeline:
                 return
 
 
+def _ready(tasks: list[_Task], now: float) -> tuple[list[_Task], float | None]:
+    """The tasks that may run now (stream order): not waiting out a backoff, and not behind
+    an earlier task of the same item that failed and is still unsettled."""
+    ready, blocked, wake = [], set(), None
+    for task in tasks:
+        item = task.record.item
+        if item in blocked:
+            continue
+        if task.held:
+            blocked.add(item)
+        if task.not_before <= now:
+            ready.append(task)
+        else:
+            wake = task.not_before if wake is None else min(wake, task.not_before)
+    return ready, wake
+
+
+def _units(route: Route, ready: list[_Task]) -> list[_Unit]:
+    """A route's handler calls for one round: an item's tasks all in one call (in stream
+    order), at most `max_batch` tasks a call; a per_change route's item gets one task a
+    round. An ATOMIC route makes one call (its commits are sequential)."""
+    if not ready:
+        return []
+    if route.idempotency is Idempotency.ATOMIC and not route.max_batch:
+        return [_Unit(route, ready)]
+    size = route.max_batch or (1 if route.per_change else len(ready))
+    by_item: dict[str, list[_Task]] = {}
+    for task in ready:
+        by_item.setdefault(task.record.item, []).append(task)
+    units, current = [], []
+    for tasks in by_item.values():
+        tasks = tasks[:size]  # the rest of a very busy item waits for the next round
+        if current and len(current) + len(tasks) > size:
+            units.append(_Unit(route, current))
+            current = []
+        current += tasks
+    if current:
+        units.append(_Unit(route, current))
+    if route.idempotency is Idempotency.ATOMIC:
+        return units[:1]  # one commit sequence at a time; the rest go next round
+    return units
+
+
+def _result(record: _Record) -> RecordResult:
+    seq, sub = record.raw["sequenceNumber"], int(record.raw.get("subSequenceNumber") or 0)
+    routes = tuple(sorted((record.routed or {}).items()))
+    if record.letter is not None:
+        return RecordResult(seq, sub, Outcome.DEAD_LETTERED, record.change, _reason(record.letter[0]), routes)
+    outcomes = {o for _, o in routes}
+    if not outcomes:
+        return RecordResult(seq, sub, Outcome.SKIPPED, record.change)
+    for outcome in (Outcome.DONE, Outcome.STALE, Outcome.DUPLICATE):
+        if outcome in outcomes:
+            return RecordResult(seq, sub, outcome, record.change, None, routes)
+    raise AssertionError(f"record {record.index} has no settled outcome: {routes}")
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - handed back as the call's result
+        return exc
+
+
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def _record_id(batch: _Batch, i: int) -> str:
-    record = batch.records[i]
-    return f"{record.get('sequenceNumber')}/{record.get('subSequenceNumber') or 0}"

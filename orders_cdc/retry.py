@@ -1,17 +1,15 @@
 """Retry policy (bounded attempts, a maximum record age, exponential backoff with full
-jitter) and the deadline of one attempt."""
+jitter), and `decide`: what happens next to a change whose reaction failed."""
 
 from __future__ import annotations
 
-import logging
 import random
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 
-from orders_cdc.errors import FatalProcessingError, HandlerTimeout, is_retryable
+from orders_cdc.errors import DeferredError, is_retryable, is_transient
 
-log = logging.getLogger(__name__)
+MIN_WAIT = 0.01  # never spin on a clock that has not moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,46 +31,39 @@ class RetryPolicy:
         return (rand or random).uniform(0, ceiling)
 
 
-def run_inline(fn: Callable[[], None], timeout: float) -> None:
-    """No deadline: for tests whose handlers cannot hang."""
-    fn()
+class Verdict(StrEnum):
+    RETRY = "retry"  # try again at `at`; one attempt spent
+    WAIT = "wait"  # held elsewhere or back-pressure (DeferredError): again at `at`, no attempt spent
+    HOLD = "hold"  # the route is down (its circuit is not closed): again at the probe, no attempt spent
+    TRIP = "trip"  # out of attempts on an outage's errors while the route has not worked: open the circuit, hold
+    DEAD_LETTER = "dead_letter"
 
 
-@dataclass
-class ThreadRunner:
-    """Runs each handler call in a daemon thread and waits at most `timeout` seconds.
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    attempts: int  # the change's attempts after this failure
+    at: float = 0.0  # RETRY / WAIT / HOLD: not before this (epoch seconds)
 
-    A call that overruns raises HandlerTimeout here (a retryable failure) so one hung
-    downstream call never stalls the shard past the daemon's timeoutInSeconds. Python
-    cannot kill a thread: the abandoned one keeps running and may still complete its side
-    effect, which is why a timeout is at-least-once. Daemon threads never block the
-    child's exit; past `max_abandoned` live ones the child is treated as wedged and
-    exits (FatalProcessingError) so the daemon starts a clean one.
-    """
 
-    max_abandoned: int = 8
-    _abandoned: list[threading.Thread] = field(default_factory=list)
-
-    def __call__(self, fn: Callable[[], None], timeout: float) -> None:
-        self._abandoned = [t for t in self._abandoned if t.is_alive()]
-        if len(self._abandoned) >= self.max_abandoned:
-            raise FatalProcessingError(f"{len(self._abandoned)} handler calls are still hung")
-        outcome: list[BaseException | None] = []
-
-        def target() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-                outcome.append(exc)
-            else:
-                outcome.append(None)
-
-        thread = threading.Thread(target=target, name="handler", daemon=True)
-        thread.start()
-        thread.join(max(0.0, timeout))
-        if not outcome:
-            self._abandoned.append(thread)
-            log.error("handler call timed out", extra={"timeout_s": round(timeout, 3), "hung": len(self._abandoned)})
-            raise HandlerTimeout(f"handler did not return within {timeout:.1f}s")
-        if outcome[0] is not None:
-            raise outcome[0]
+def decide(policy: RetryPolicy, exc: BaseException, *, attempts: int, now: float, age: float,
+           circuit_closed: bool, probe_at: float, worked_since_first_failure: bool,
+           rand: random.Random | None = None) -> Decision:
+    """What happens next to one change after `exc`, given how often it was tried, how old
+    it is and what its route's circuit breaker knows. Pure: the caller applies it."""
+    if isinstance(exc, DeferredError):
+        until = exc.until if exc.until is not None else now + policy.backoff(1, rand)
+        return Decision(Verdict.WAIT, attempts, max(until, now + MIN_WAIT))
+    if not is_retryable(exc):
+        return Decision(Verdict.DEAD_LETTER, max(1, attempts + 1))
+    if not circuit_closed:
+        # This call opened the circuit, or was a failed probe: an outage, not this record.
+        return Decision(Verdict.HOLD, attempts, probe_at)
+    attempts += 1
+    if policy.should_retry(attempts, exc, age):
+        return Decision(Verdict.RETRY, attempts, now + policy.backoff(attempts, rand))
+    too_old = bool(policy.max_record_age_seconds) and age > policy.max_record_age_seconds
+    if is_transient(exc) and not too_old and not worked_since_first_failure:
+        # No evidence that the record is at fault: hold it and probe the route.
+        return Decision(Verdict.TRIP, attempts)
+    return Decision(Verdict.DEAD_LETTER, attempts)

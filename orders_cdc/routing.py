@@ -9,22 +9,33 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orders_cdc.change import ChangeRecord, EventName
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 Predicate = Callable[[ChangeRecord], bool]
 
 
 class Handler(Protocol):
-    """A plain function over a batch of changes (in stream order).
+    """A plain function over a batch of changes (in stream order; one item's changes in a
+    call are in stream order too, and no other call of the route holds that item).
 
     Return normally when all are done; raise PartialBatchFailure for some, or any
     exception for all of them. An ATOMIC route's handler returns its counter updates
     instead (see Idempotency.ATOMIC).
     """
 
-    def __call__(self, changes: Sequence[ChangeRecord], ctx: Any) -> Any: ...
+    def __call__(self, changes: Sequence[ChangeRecord], ctx: Context) -> Any: ...
+
+
+class ChangeHandler(Protocol):
+    """A plain function over one change (a `per_change` route): return when done, raise
+    when not. The pipeline runs many at once, never two of one item on one route."""
+
+    def __call__(self, change: ChangeRecord, ctx: Context) -> None: ...
 
 
 ALL_EVENTS = frozenset(EventName)
@@ -46,13 +57,17 @@ class Idempotency(StrEnum):
 class Route:
     name: str
     table: str
-    handler: Handler
+    handler: Handler | ChangeHandler
     events: frozenset[EventName] = ALL_EVENTS
     when: Predicate | None = None
     idempotency: Idempotency = Idempotency.PER_CHANGE
-    # Derived state: skip a change unless it is newer than the item's high-water mark
-    # (STALE/DUPLICATE), and never give the handler two changes of one item in one call.
-    ordered: bool = False
+    # The handler takes one change (ChangeHandler) instead of a list: an API with no batch
+    # call (SES). The pipeline keeps many such calls in flight.
+    per_change: bool = False
+    # Most changes per handler call (None: every change ready; per_change: 1). A round's
+    # calls of one route run concurrently, except an ATOMIC route's (its transactions share
+    # counter items, which concurrent transactions would fight over).
+    max_batch: int | None = None
 
     @property
     def idempotent(self) -> bool:

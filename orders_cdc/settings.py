@@ -70,6 +70,12 @@ class Settings:
     breaker_threshold: int = 5  # distinct records failing in a row that open a route's circuit
     breaker_open_seconds: float = 1.0  # first open period; doubles per failed probe
     breaker_max_open_seconds: float = 30.0
+    # Handler calls in flight at once per child (one child per shard); also the size of each
+    # boto3 client's connection pool.
+    max_in_flight: int = 64
+    # SES sends per second this worker may use (the account's quota shared among workers);
+    # 0: no limit here (throttling from SES still only slows the shard down).
+    ses_max_send_rate: float = 0.0
 
     def endpoint(self, service: str) -> str | None:
         return self.endpoints.get(service) or self.endpoints.get("")
@@ -195,10 +201,17 @@ def _reliability(env: Mapping[str, str]) -> dict[str, float | int]:
         "breaker_threshold": _int(env, "BREAKER_THRESHOLD", 5, minimum=1),
         "breaker_open_seconds": _float(env, "BREAKER_OPEN_SECONDS", 1.0, minimum=0.01),
         "breaker_max_open_seconds": _float(env, "BREAKER_MAX_OPEN_SECONDS", 30.0, minimum=0.01),
+        "max_in_flight": _int(env, "MAX_IN_FLIGHT", 64, minimum=1),
+        "ses_max_send_rate": _float(env, "SES_MAX_SEND_RATE", 0.0),
     }
     if values["idempotency_lock_seconds"] <= values["handler_timeout_seconds"]:
         raise SettingsError(
             f"{PREFIX}IDEMPOTENCY_LOCK_SECONDS={values['idempotency_lock_seconds']:g} must exceed"
+            f" {PREFIX}HANDLER_TIMEOUT_SECONDS={values['handler_timeout_seconds']:g}"
+        )
+    if values["batch_deadline_seconds"] <= values["handler_timeout_seconds"]:
+        raise SettingsError(
+            f"{PREFIX}BATCH_DEADLINE_SECONDS={values['batch_deadline_seconds']:g} must exceed"
             f" {PREFIX}HANDLER_TIMEOUT_SECONDS={values['handler_timeout_seconds']:g}"
         )
     return values

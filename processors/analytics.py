@@ -13,7 +13,7 @@ from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
-from processors._firehose import put_changes
+from processors._firehose import MAX_RECORDS, put_changes
 
 RECORD_TYPE = "analytics"
 
@@ -69,4 +69,5 @@ def firehose_copy(changes: Sequence[ChangeRecord], ctx) -> None:
 
 def routes(resources: Resources) -> list[Route]:
     # A copy for analytics: at-least-once; readers dedup by (keys, created_at, event_name).
-    return [Route("analytics.firehose_copy", resources.orders_table, firehose_copy, idempotency=Idempotency.OFF)]
+    return [Route("analytics.firehose_copy", resources.orders_table, firehose_copy, idempotency=Idempotency.OFF,
+                  max_batch=MAX_RECORDS)]

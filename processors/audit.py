@@ -19,7 +19,7 @@ from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
-from processors._firehose import MAX_RECORD_BYTES, put_changes
+from processors._firehose import MAX_RECORD_BYTES, MAX_RECORDS, put_changes
 
 RECORD_TYPE = "audit"
 
@@ -76,4 +76,5 @@ def firehose_audit(changes: Sequence[ChangeRecord], ctx) -> None:
 
 def routes(resources: Resources) -> list[Route]:
     # At-least-once: entries carry event_id, and a compliance reader drops repeats.
-    return [Route("audit.firehose_audit", resources.orders_table, firehose_audit, idempotency=Idempotency.OFF)]
+    return [Route("audit.firehose_audit", resources.orders_table, firehose_audit, idempotency=Idempotency.OFF,
+                  max_batch=MAX_RECORDS)]

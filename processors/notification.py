@@ -1,32 +1,44 @@
 """Customer emails through SES: shipped -> a shipping email with the tracking number;
 delivered -> a delivery confirmation and, separately, a review request.
 
-One SendEmail call per email (SES has no batch send). Each email kind is its own route, so
-the pipeline retries only the kind that failed: a failed review request never re-sends
-the delivery confirmation that already went out.
+One SendEmail call per email (SES has no batch send): the routes are `per_change`, so the
+pipeline keeps many sends in flight, never two of one order's on one route. Each email kind
+is its own route, so the pipeline retries only the kind that failed: a failed review
+request never re-sends the delivery confirmation that already went out.
+
+SES's sending rate is a quota of the account, not an error: `ORDERS_CDC_SES_MAX_SEND_RATE`
+gives this worker's share (a token bucket; unset: no limit here), and SES throttling hands
+the change back to the pipeline to try again shortly, spending none of its attempts and
+leaving the circuit breaker closed.
 
 An order without a usable ``customer_email`` gets no email (logged, not an error: there is
 nobody to write to, and retrying cannot change that). SES refusing a message
 (MessageRejected, an invalid address) is permanent and dead-letters that change alone.
 
-Not idempotent: a redelivered change sends the email again. The routes fire only on the
-status *transition*, so a re-save of a shipped order sends nothing.
+A send is not idempotent in itself: the pipeline's per-change lock and done-marker
+(Idempotency.PER_CHANGE) keep a redelivered change from sending again. The routes fire only
+on the status *transition*, so a re-save of a shipped order sends nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from orders_cdc.change import ChangeRecord, EventName
+from orders_cdc.errors import DeferredError, error_code, is_throttling
 from orders_cdc.routing import Route, transition
 from orders_cdc.settings import Resources
 from processors import _order
-from processors._batch import raise_failures
 
 log = logging.getLogger(__name__)
+
+_MAX_RATE_WAIT = 1.0  # longest a send waits for the rate limit in its call; longer: handed back
 
 _UPSERTS = frozenset({EventName.INSERT, EventName.MODIFY})
 
@@ -90,30 +102,28 @@ def _address(order: Mapping[str, Any]) -> str | None:
 
 
 def _sender(build: Callable[[Mapping[str, Any], str], Email], kind: str):
-    def handler(changes: Sequence[ChangeRecord], ctx) -> None:
-        ses = ctx.clients.ses
-        source = ctx.settings.resources.sender_email
-        failures: dict[int, BaseException] = {}
-        for i, change in enumerate(changes):
-            try:
-                order = change.new_image or {}
-                to = _address(order)
-                if to is None:
-                    log.warning("no email address: %s email not sent", kind,
-                                extra={"order_id": order.get("order_id"), "kind": kind})
-                    continue
-                email = build({**order, "order_id": _order.order_id(order, change.keys)}, to)
-                ses.send_email(
-                    Source=source,
-                    Destination={"ToAddresses": [email.to]},
-                    Message={
-                        "Subject": {"Data": email.subject, "Charset": "UTF-8"},
-                        "Body": {"Text": {"Data": email.body, "Charset": "UTF-8"}},
-                    },
-                )
-            except Exception as exc:  # noqa: BLE001 - one change's failure, classified by the pipeline
-                failures[i] = exc
-        raise_failures(failures)
+    def handler(change: ChangeRecord, ctx) -> None:
+        order = change.new_image or {}
+        to = _address(order)
+        if to is None:
+            log.warning("no email address: %s email not sent", kind, extra={"order_id": order.get("order_id"), "kind": kind})
+            return
+        email = build({**order, "order_id": _order.order_id(order, change.keys)}, to)
+        if ctx.ses_rate is not None and (wait := ctx.ses_rate.take(max_wait=_MAX_RATE_WAIT)):
+            raise DeferredError("SES sending rate reached", until=time.time() + wait)
+        try:
+            ctx.clients.ses.send_email(
+                Source=ctx.settings.resources.sender_email,
+                Destination={"ToAddresses": [email.to]},
+                Message={
+                    "Subject": {"Data": email.subject, "Charset": "UTF-8"},
+                    "Body": {"Text": {"Data": email.body, "Charset": "UTF-8"}},
+                },
+            )
+        except ClientError as exc:
+            if is_throttling(exc):  # the account's sending rate: back-pressure, not a failure
+                raise DeferredError(f"SES throttled the send ({error_code(exc)})") from exc
+            raise
 
     handler.__name__ = f"send_{kind}"
     return handler
@@ -128,7 +138,8 @@ def routes(resources: Resources) -> list[Route]:
     table = resources.orders_table
     shipped, delivered = transition("status", "shipped"), transition("status", "delivered")
     return [
-        Route("notification.shipped_email", table, send_shipped, events=_UPSERTS, when=shipped),
-        Route("notification.delivered_email", table, send_delivered, events=_UPSERTS, when=delivered),
-        Route("notification.review_request", table, send_review_request, events=_UPSERTS, when=delivered),
+        Route("notification.shipped_email", table, send_shipped, events=_UPSERTS, when=shipped, per_change=True),
+        Route("notification.delivered_email", table, send_delivered, events=_UPSERTS, when=delivered, per_change=True),
+        Route("notification.review_request", table, send_review_request, events=_UPSERTS, when=delivered,
+              per_change=True),
     ]

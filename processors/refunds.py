@@ -78,5 +78,5 @@ def request_refunds(changes: Sequence[ChangeRecord], ctx) -> None:
 def routes(resources: Resources) -> list[Route]:
     return [
         Route("refunds.request", resources.orders_table, request_refunds, events=_UPSERTS,
-              when=transition("status", "cancelled")),
+              when=transition("status", "cancelled"), max_batch=MAX_BATCH),
     ]

@@ -1,16 +1,18 @@
 """The ProductOrders view: one row per (product_id, order_id) for every product an order holds.
 
 A row holds ``quantity``, ``unit_price`` (absent if the order lists the product twice at
-different prices), ``amount``, ``product_name``, the order's ``status``,
-``order_created_at``, ``customer_id`` and ``currency``. INSERT writes a row per product;
-MODIFY rewrites the rows whose content changed (status included) and retires the rows of
-products no longer in the order; REMOVE (TTL or not: the view mirrors the table) retires
-all of the order's rows.
+different prices), ``amount``, ``product_name``, ``order_created_at``, ``customer_id`` and
+``currency``: what the order says of that product, not the order's status. So a row
+changes only when the order's line items do: INSERT writes a row per product; a MODIFY
+rewrites the rows whose content changed and retires the rows of products no longer in the
+order; a status change (most MODIFYs) writes nothing; REMOVE (TTL or not: the view mirrors
+the table) retires all of the order's rows. A reader who wants the status joins on the
+order (or the Orders replica).
 
 Stale and duplicated changes: every row carries the version of the change that wrote it,
 ``source_created_us`` (the change's creation time, µs) and ``source_sequence`` (its padded
 Kinesis sequence number, a tie-break for changes in the same microsecond: millisecond
-precision streams have many). Every write is a conditional PutItem::
+precision streams have many). Every write is a conditional put::
 
     attribute_not_exists(source_created_us) OR source_created_us < :us
     OR (source_created_us = :us AND source_sequence < :seq)
@@ -22,23 +24,30 @@ DynamoDB TTL): a deleted row would forget its version, and a late duplicate of a
 change would bring it back. Readers skip tombstones (``attribute_not_exists(deleted)``);
 TTL must be enabled on ``expires_at`` to clear them.
 
-Writes are conditional, so BatchWriteItem (which takes no conditions) is not used: one
-PutItem per row written. A MODIFY whose view content did not change (``updated_at`` only)
-writes nothing. Naturally idempotent: a redelivered change is stale against its own rows.
+The conditions rule out BatchWriteItem (no conditions). The puts of a handler call go 100
+to a TransactWriteItems, each with its own condition; the transaction is cancelled when
+any condition fails, and CancellationReasons say which: those rows are stale, and the
+transaction is sent again without them (rare: a redelivery or an overtaken change). A row
+two changes of the call write is put once, with the newer change's content and version.
+A request DynamoDB refuses as a whole (ValidationException) is retried row by row, so
+that one bad row fails only its own change. Transactions cost twice the write capacity of
+plain puts; one call per 100 rows instead of one per row is what keeps up with a shard.
+Naturally idempotent: a redelivered change is stale against its own rows.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from orders_cdc.attrvalue import marshal
 from orders_cdc.change import ChangeRecord, EventName
-from orders_cdc.errors import RetryableError
+from orders_cdc.counters import MAX_TRANSACTION_ITEMS
+from orders_cdc.errors import error_code
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
@@ -47,7 +56,6 @@ from processors._batch import raise_failures
 log = logging.getLogger(__name__)
 
 TOMBSTONE_SECONDS = 7 * 24 * 3600
-_WRITERS = 8  # parallel orders per batch; boto3 clients are thread-safe
 _CONDITION = (
     "attribute_not_exists(source_created_us) OR source_created_us < :us"
     " OR (source_created_us = :us AND source_sequence < :seq)"
@@ -68,7 +76,6 @@ def row_content(order: Mapping[str, Any], line: _order.ProductLine) -> dict[str,
         "unit_price": line.unit_price,
         "amount": line.amount,
         "product_name": line.name,
-        "status": order.get("status"),
         "order_created_at": order.get("created_at"),
         "customer_id": order.get("customer_id"),
         "currency": order.get("currency"),
@@ -91,27 +98,22 @@ def writes(change: ChangeRecord) -> list[tuple[str, dict[str, Any] | None]]:
     return out
 
 
-def _put(ddb, table: str, item: dict[str, Any], us: int, seq: str) -> bool:
-    """Conditional put; False when the row already holds this or a newer version."""
-    try:
-        ddb.put_item(
-            TableName=table,
-            Item={k: marshal(v) for k, v in item.items()},
-            ConditionExpression=_CONDITION,
-            ExpressionAttributeValues={":us": {"N": str(us)}, ":seq": {"S": seq}},
-        )
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+Key = tuple[str, str]  # (product_id, order_id)
 
 
-def apply(change: ChangeRecord, ddb, table: str) -> int:
-    """Write one change's rows; returns how many were stale (skipped)."""
+@dataclass(eq=False, slots=True)
+class _Put:
+    item: dict[str, Any]
+    us: int
+    seq: str
+    writers: list[int]  # the changes (indices in the call) whose write this is
+
+
+def rows(change: ChangeRecord) -> list[tuple[Key, dict[str, Any], int, str]]:
+    """(row key, the full item, version us, version seq) for every row this change writes."""
     order_id = _order.order_id(change.new_image or change.old_image, change.keys)
     us, seq = version(change)
-    stale = 0
+    out = []
     for product_id, content in writes(change):
         item: dict[str, Any] = {"product_id": product_id, "order_id": order_id}
         if content is None:
@@ -119,40 +121,102 @@ def apply(change: ChangeRecord, ddb, table: str) -> int:
         else:
             item.update(content)
         item.update(source_created_us=us, source_sequence=seq)
-        if not _put(ddb, table, item, us, seq):
-            stale += 1
+        out.append(((product_id, order_id), item, us, seq))
+    return out
+
+
+def _request(table: str, put: _Put) -> dict[str, Any]:
+    return {
+        "TableName": table,
+        "Item": {k: marshal(v) for k, v in put.item.items()},
+        "ConditionExpression": _CONDITION,
+        "ExpressionAttributeValues": {":us": {"N": str(put.us)}, ":seq": {"S": put.seq}},
+    }
+
+
+def _put_one(ddb, table: str, put: _Put) -> bool:
+    """Conditional PutItem; False when the row already holds this or a newer version."""
+    try:
+        ddb.put_item(**_request(table, put))
+    except ClientError as exc:
+        if error_code(exc) == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def _transact(ddb, table: str, puts: list[_Put], failures: dict[int, BaseException]) -> int:
+    """Write `puts` (at most 100) in transactions; returns how many were stale."""
+    stale = 0
+    while puts:
+        if len(puts) == 1:  # a plain conditional put: half a transaction's write capacity
+            return stale + _one_by_one(ddb, table, puts, failures)
+        try:
+            ddb.transact_write_items(TransactItems=[{"Put": _request(table, p)} for p in puts])
+            return stale
+        except ClientError as exc:
+            code = error_code(exc)
+            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons") or []]
+            if code == "ValidationException" or (code == "TransactionCanceledException" and len(reasons) == len(puts)
+                                                 and "ValidationError" in reasons):
+                return stale + _one_by_one(ddb, table, puts, failures)
+            if code != "TransactionCanceledException" or len(reasons) != len(puts) or any(
+                    r not in (None, "None", "ConditionalCheckFailed") for r in reasons):
+                _fail(puts, exc, failures)
+                return stale
+            stale += reasons.count("ConditionalCheckFailed")
+            puts = [p for p, r in zip(puts, reasons) if r != "ConditionalCheckFailed"]
+        except Exception as exc:  # noqa: BLE001 - fails the changes whose rows were in it
+            _fail(puts, exc, failures)
+            return stale
     return stale
+
+
+def _one_by_one(ddb, table: str, puts: list[_Put], failures: dict[int, BaseException]) -> int:
+    stale = 0
+    for put in puts:
+        try:
+            stale += not _put_one(ddb, table, put)
+        except Exception as exc:  # noqa: BLE001 - this row's changes only
+            _fail([put], exc, failures)
+    return stale
+
+
+def _fail(puts: list[_Put], exc: BaseException, failures: dict[int, BaseException]) -> None:
+    for put in puts:
+        for i in put.writers:
+            failures.setdefault(i, exc)
 
 
 def product_orders(changes: Sequence[ChangeRecord], ctx) -> None:
     ddb = ctx.clients.dynamodb
     table = ctx.settings.resources.product_orders_table
     failures: dict[int, BaseException] = {}
-    # One conditional PutItem per row is latency-bound, so orders are written in parallel;
-    # one order's changes stay in stream order, and a failure holds back that order's
-    # later changes (the staleness guard would reject them anyway once the earlier one lands).
-    by_order: dict[str, list[int]] = {}
-    for i, change in enumerate(changes):
-        by_order.setdefault(change.item_key(), []).append(i)
-
-    def write_order(indices: list[int]) -> None:
-        for position, i in enumerate(indices):
-            try:
-                stale = apply(changes[i], ddb, table)
-            except Exception as exc:  # noqa: BLE001 - one change's failure, classified by the pipeline
-                failures[i] = exc
-                for later in indices[position + 1:]:
-                    failures[later] = RetryableError(f"held back: an earlier change of this order failed ({exc!r})")
-                return
-            if stale:
-                # Expected under at-least-once delivery: a duplicate, or a change overtaken.
-                log.info("stale change ignored by the view", extra={"item_key": changes[i].item_key(), "stale_rows": stale})
-
-    with ThreadPoolExecutor(max_workers=min(_WRITERS, len(by_order) or 1), thread_name_prefix="views") as pool:
-        list(pool.map(write_order, by_order.values()))
+    puts: dict[Key, _Put] = {}
+    for i, change in enumerate(changes):  # stream order: a later write of a row replaces an earlier one
+        try:
+            written = rows(change)
+        except Exception as exc:  # noqa: BLE001 - a change with bad order data fails alone
+            failures[i] = exc
+            continue
+        for key, item, us, seq in written:
+            earlier = puts.get(key)
+            writers = earlier.writers + [i] if earlier else [i]
+            if earlier and (earlier.us, earlier.seq) > (us, seq):
+                earlier.writers = writers
+            else:
+                puts[key] = _Put(item, us, seq, writers)
+    pending = list(puts.values())
+    stale = 0
+    for start in range(0, len(pending), MAX_TRANSACTION_ITEMS):
+        stale += _transact(ddb, table, pending[start : start + MAX_TRANSACTION_ITEMS], failures)
+    if stale:
+        # Expected under at-least-once delivery: a duplicate, or a change overtaken.
+        log.info("stale rows ignored by the view", extra={"stale_rows": stale})
     raise_failures(failures)
 
 
 def routes(resources: Resources) -> list[Route]:
     # Conditional writes with a per-row version: a redelivery is stale against its own rows.
-    return [Route("views.product_orders", resources.orders_table, product_orders, idempotency=Idempotency.OFF)]
+    return [Route("views.product_orders", resources.orders_table, product_orders, idempotency=Idempotency.OFF,
+                  max_batch=50)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from orders_cdc.counters import CounterUpdate, TooManyCounters, groups, items_of, merge
+from orders_cdc.errors import FatalProcessingError
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError, IdempotencyInProgressError
 
 
@@ -69,15 +70,29 @@ class IdempotencyStore(ABC):
 
     def save_inprogress(self, key: str, now: float) -> None:
         """Take the lock, or raise IdempotencyAlreadyCompletedError / IdempotencyInProgressError."""
-        record = IdempotencyRecord(key, Status.INPROGRESS, int(now) + self.ttl_seconds,
-                                   now + self.lock_seconds, self.owner)
-        existing = self._put_if_free(record, now)
-        if existing is None:
-            return
-        if existing.status is Status.COMPLETED:
-            raise IdempotencyAlreadyCompletedError(key)
-        raise IdempotencyInProgressError(f"reaction locked by another worker until {existing.lock_until:.0f}",
-                                         until=existing.lock_until)
+        refused = self.save_inprogress_many([key], now)
+        if key in refused:
+            raise refused[key]
+
+    def save_inprogress_many(self, keys: Sequence[str], now: float) -> dict[str, BaseException]:
+        """Take the locks; returns why for each key not locked: IdempotencyAlreadyCompletedError,
+        IdempotencyInProgressError, or the store's error (a FatalProcessingError is raised)."""
+        records = [IdempotencyRecord(k, Status.INPROGRESS, int(now) + self.ttl_seconds, now + self.lock_seconds,
+                                     self.owner) for k in keys]
+        try:
+            in_the_way = self._put_many_if_free(records, now)
+        except FatalProcessingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every key of the call failed with it
+            return {k: exc for k in keys}
+        refused: dict[str, BaseException] = {}
+        for key, existing in in_the_way.items():
+            if existing.status is Status.COMPLETED:
+                refused[key] = IdempotencyAlreadyCompletedError(key)
+            else:
+                refused[key] = IdempotencyInProgressError(
+                    f"reaction locked by another worker until {existing.lock_until:.0f}", until=existing.lock_until)
+        return refused
 
     def save_success(self, keys: Sequence[str], now: float) -> None:
         """Mark reactions done; returns once durable."""
@@ -145,6 +160,11 @@ class IdempotencyStore(ABC):
     def _put_if_free(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """Write `record` if the key is absent or `free_for(record.owner, now)`; else
         write nothing and return the record in the way."""
+
+    def _put_many_if_free(self, records: Sequence[IdempotencyRecord], now: float) -> Mapping[str, IdempotencyRecord]:
+        """`_put_if_free` for each record; {key: the record in the way} for those not written.
+        A backend with a batch call overrides this."""
+        return {r.key: existing for r in records if (existing := self._put_if_free(r, now)) is not None}
 
     @abstractmethod
     def _put_many(self, records: Sequence[IdempotencyRecord]) -> None:

@@ -1,7 +1,9 @@
 """The idempotency store in DynamoDB (table key `id` S, TTL on `expires_at`).
 
-- The lock is one conditional PutItem; `ReturnValuesOnConditionCheckFailure=ALL_OLD`
-  returns the record in the way, which saves a second read.
+- A lock is a conditional put; a round's locks go 100 to a TransactWriteItems (a lone one
+  is a PutItem). `ReturnValuesOnConditionCheckFailure=ALL_OLD` returns the record in the
+  way, which saves a second read; a transaction cancelled only by such records is sent
+  again without them.
 - Reads are BatchGetItem, 100 keys a call, strongly consistent.
 - COMPLETED markers and lock releases are BatchWriteItem, 25 a call.
 - ATOMIC routes' markers go in the same TransactWriteItems as their counter updates, each
@@ -20,7 +22,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from orders_cdc.counters import CounterUpdate, transaction_error, update_action
+from orders_cdc.counters import MAX_TRANSACTION_ITEMS, CounterUpdate, transaction_error, update_action
 from orders_cdc.errors import is_retryable
 from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore, Status
 from orders_cdc.idempotency.exceptions import IdempotencyStoreConfigError, IdempotencyStoreUnavailableError
@@ -116,6 +118,50 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
             # Deleted in between: report it as a lock that is free now (try again at once).
             return _record(item) if item else IdempotencyRecord(record.key, Status.INPROGRESS, 0, now, "")
         return None
+
+    def _put_many_if_free(self, records: Sequence[IdempotencyRecord], now: float) -> Mapping[str, IdempotencyRecord]:
+        """The locks of a round, 100 conditional puts per TransactWriteItems (one lock: a
+        PutItem). A transaction cancelled only by locks in the way is sent again without them."""
+        in_the_way: dict[str, IdempotencyRecord] = {}
+        for start in range(0, len(records), MAX_TRANSACTION_ITEMS):
+            pending = list(records[start : start + MAX_TRANSACTION_ITEMS])
+            while pending:
+                if len(pending) == 1:
+                    existing = self._put_if_free(pending[0], now)
+                    if existing is not None:
+                        in_the_way[pending[0].key] = existing
+                    break
+                refused = self._transact_locks(pending, now)
+                in_the_way.update(refused)
+                pending = [r for r in pending if r.key not in refused] if refused else []
+        return in_the_way
+
+    def _transact_locks(self, records: Sequence[IdempotencyRecord], now: float) -> dict[str, IdempotencyRecord]:
+        items = [{"Put": {"TableName": self.table, "Item": _item(r), "ConditionExpression": _FREE,
+                          "ExpressionAttributeNames": {"#id": "id", "#status": "status", "#owner": "owner"},
+                          "ExpressionAttributeValues": {":now": {"N": repr(now)},
+                                                        ":inprogress": {"S": Status.INPROGRESS.value},
+                                                        ":owner": {"S": r.owner}},
+                          "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}} for r in records]
+        try:
+            self._ddb.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            reasons = exc.response.get("CancellationReasons") or []
+            codes = [r.get("Code") for r in reasons]
+            if (exc.response.get("Error", {}).get("Code") != "TransactionCanceledException" or len(reasons) != len(records)
+                    or any(c not in (None, "None", "ConditionalCheckFailed") for c in codes)):
+                if exc.response.get("Error", {}).get("Code") in _CONFIG_CODES:
+                    raise mapped(exc, "TransactWriteItems") from exc
+                raise transaction_error(exc) from exc
+            refused = {}
+            for record, reason in zip(records, reasons):
+                if reason.get("Code") == "ConditionalCheckFailed":
+                    item = reason.get("Item") or self._get_one(record.key)
+                    # Deleted in between: a lock that is free now (the next round takes it).
+                    refused[record.key] = (_record(item) if item else
+                                           IdempotencyRecord(record.key, Status.INPROGRESS, 0, now, ""))
+            return refused
+        return {}
 
     def _get_one(self, key: str) -> dict[str, Any] | None:
         try:

@@ -1,19 +1,22 @@
-"""Wraps one call of a route's handler with the idempotency store, by the route's mode.
+"""The idempotency store around a route's handler calls, by the route's mode.
 
-PER_CHANGE (lock, then react, then mark): one conditional PutItem per change takes an
-INPROGRESS lock; only the changes locked go to the handler; the ones it did are marked
-COMPLETED (BatchWriteItem), the ones it failed are released (deleted) for the retry.
+PER_CHANGE (lock, then react, then mark), in steps the pipeline takes once per round for
+every such route together, so that the store calls are batched across the batch: `lock`
+takes an INPROGRESS lock per change (TransactWriteItems, 100 conditional puts a call); the
+handler calls run on the changes locked; `finish` marks the ones done COMPLETED
+(BatchWriteItem, 25 a call) and releases the ones that failed, for the retry.
   Exactly-once in effect, except: a crash (or a handler timeout) after the side effect
-  and before the COMPLETED write -> the lock's lease runs out and the change is redone.
-ATOMIC (compute, then commit with the markers): the handler gets every change not
-already COMPLETED and returns their counter updates; the store commits each group of
+  and before the COMPLETED write -> the lock's lease runs out and the change is redone. A
+  call that timed out keeps its locks, and marks what it did if it finishes late (`late`).
+ATOMIC (compute, then commit with the markers, `atomic`): the handler gets every change
+not already COMPLETED and returns their counter updates; the store commits each group of
 changes' updates together with their markers in one transaction, conditional on the
 markers being absent (see IdempotencyStore.commit). Exactly once, crashes, timeouts and
 concurrent workers included: a marker found in the way makes that change a DUPLICATE.
 OFF: the handler is called as is (at-least-once).
 
-Markers are durable before `run` returns, so the checkpoint never passes a reaction whose
-marker could still be lost; if they cannot be written the child exits (Fatal).
+Markers are durable before the round settles, so the checkpoint never passes a reaction
+whose marker could still be lost; if they cannot be written the child exits (Fatal).
 """
 
 from __future__ import annotations
@@ -62,24 +65,50 @@ class IdempotencyGuard:
             return set()
         return durably("read idempotency records", lambda: self.store.completed(keys, self.clock()), self.sleep)
 
-    def run(self, route: Route, changes: Sequence[ChangeRecord], keys: Sequence[str | None], call: Call) -> CallResult:
-        mode = self.mode(route)
-        if mode is Idempotency.OFF:
-            return _plain(changes, call)
-        if mode is Idempotency.ATOMIC:
-            return self._atomic(changes, keys, call)
-        result = CallResult()
-        chosen = self._lock(keys, result)
-        failures = call([changes[i] for i in chosen])[0] if chosen else {}
-        done = [i for j, i in enumerate(chosen) if j not in failures]
-        result.done = done
-        for j, exc in failures.items():
-            result.failed[chosen[j]] = exc
-        durably("mark reactions done", lambda: self.store.save_success([keys[i] for i in done], self.clock()), self.sleep)
-        self._release(keys, {chosen[j]: exc for j, exc in failures.items()})
-        return result
+    def lock(self, keys: Sequence[str]) -> tuple[set[str], set[str], dict[str, BaseException]]:
+        """(locked, already completed, could not lock: why) for PER_CHANGE keys."""
+        now = self.clock()
+        self._hung = {k: until for k, until in self._hung.items() if until > now}
+        failed: dict[str, BaseException] = {
+            k: DeferredError("an earlier call for this change timed out", until=self._hung[k])
+            for k in keys if k in self._hung
+        }
+        todo = [k for k in keys if k not in failed]
+        refused = self.store.save_inprogress_many(todo, now) if todo else {}
+        duplicate = set()
+        for key, exc in refused.items():
+            if isinstance(exc, FatalProcessingError):
+                raise exc
+            if isinstance(exc, IdempotencyAlreadyCompletedError):
+                duplicate.add(key)
+            else:
+                failed[key] = exc
+        return {k for k in todo if k not in refused}, duplicate, failed
 
-    def _atomic(self, changes: Sequence[ChangeRecord], keys: Sequence[str | None], call: Call) -> CallResult:
+    def finish(self, done: Sequence[str], failed: dict[str, BaseException]) -> None:
+        """Mark `done` COMPLETED (durably, or Fatal) and release the locks of `failed`,
+        except those whose call timed out: that call may still be running."""
+        durably("mark reactions done", lambda: self.store.save_success(list(done), self.clock()), self.sleep)
+        now, release = self.clock(), []
+        for key, exc in failed.items():
+            if isinstance(exc, HandlerTimeout):
+                self._hung[key] = now + self.store.lock_seconds
+            else:
+                release.append(key)
+        try:
+            self.store.delete(release)
+        except FatalProcessingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the lease expires anyway, and we may re-take our own lock
+            log.warning("could not release idempotency locks", extra={"locks": len(release), "error": repr(exc)})
+
+    def late(self, done: Sequence[str]) -> None:
+        """A timed-out call finished after all: record what it did (best effort, once)."""
+        if done:
+            self.store.save_success(list(done), self.clock())
+            log.warning("a timed-out call finished late; its reactions are marked done", extra={"done": len(done)})
+
+    def atomic(self, changes: Sequence[ChangeRecord], keys: Sequence[str | None], call: Call) -> CallResult:
         failures, output = call(changes)
         result = CallResult(failed=dict(failures))
         if len(failures) == len(changes):
@@ -95,49 +124,13 @@ class IdempotencyGuard:
                 result.failed[i] = updates
             else:
                 todo.append(i)
-        # Outside the handler's deadline, like the markers of PER_CHANGE routes: DynamoDB calls
-        # bounded by the SDK's own timeouts. A commit that timed out but landed leaves its
-        # markers, so the retry finds them: DUPLICATE, not counted twice.
+        # A commit that timed out but landed leaves its markers, so the retry finds them:
+        # DUPLICATE, not counted twice.
         committed = self.store.commit([(keys[i], output[i]) for i in todo], self.clock())
         result.done = [todo[j] for j in committed.done]
         result.duplicate = [todo[j] for j in committed.duplicate]
         result.failed.update({todo[j]: exc for j, exc in committed.failed.items()})
         return result
-
-    def _lock(self, keys: Sequence[str | None], result: CallResult) -> list[int]:
-        locked = []
-        for i, key in enumerate(keys):
-            now = self.clock()
-            if self._hung.get(key, 0.0) > now:
-                result.failed[i] = DeferredError("an earlier call for this change timed out", until=self._hung[key])
-                continue
-            try:
-                self.store.save_inprogress(key, now)
-            except IdempotencyAlreadyCompletedError:
-                result.duplicate.append(i)
-            except FatalProcessingError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - in progress elsewhere, or the store failed: per change
-                result.failed[i] = exc
-            else:
-                self._hung.pop(key, None)
-                locked.append(i)
-        return locked
-
-    def _release(self, keys: Sequence[str | None], failed: dict[int, BaseException]) -> None:
-        now, release = self.clock(), []
-        self._hung = {k: until for k, until in self._hung.items() if until > now}
-        for i, exc in failed.items():
-            if isinstance(exc, HandlerTimeout):
-                self._hung[keys[i]] = now + self.store.lock_seconds
-            else:
-                release.append(keys[i])
-        try:
-            self.store.delete(release)
-        except FatalProcessingError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the lease expires anyway, and we may re-take our own lock
-            log.warning("could not release idempotency locks", extra={"locks": len(release), "error": repr(exc)})
 
 
 def durably(what: str, fn: Callable[[], T], sleep: Callable[[float], None], attempts: int = 5) -> T:
@@ -154,8 +147,3 @@ def durably(what: str, fn: Callable[[], T], sleep: Callable[[float], None], atte
             log.warning("store call failed, retrying", extra={"what": what, "attempt": attempt, "error": repr(exc)})
             sleep(min(5.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")
-
-
-def _plain(changes: Sequence[ChangeRecord], call: Call) -> CallResult:
-    failures, _ = call(changes)
-    return CallResult(done=[i for i in range(len(changes)) if i not in failures], failed=dict(failures))

@@ -9,11 +9,12 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from orders_cdc.breaker import BreakerPolicy, CircuitBreaker, State
+from orders_cdc.concurrency import CallPool, InlinePool
 from orders_cdc.deadletter import InMemoryDeadLetterSink
 from orders_cdc.errors import FatalProcessingError, HandlerTimeout, PartialBatchFailure, SettingsError
 from orders_cdc.idempotency.memory import InMemoryIdempotencyStore
 from orders_cdc.pipeline import Outcome, Pipeline
-from orders_cdc.retry import RetryPolicy, ThreadRunner, run_inline
+from orders_cdc.retry import RetryPolicy
 from orders_cdc.routing import Route, Router
 from orders_cdc.settings import load
 from tests.factories import kcl_record, kds_record, sequence_number
@@ -99,7 +100,7 @@ class FlakySes:
 def email_pipeline(ses, clock, dlq, **kw):
     return Pipeline(router=Router([Route("email", "Orders", ses)]), ctx=None, dead_letters=dlq,
                     retry=RetryPolicy(max_attempts=5, base_seconds=0.2, max_seconds=5.0),
-                    sleep=clock.sleep, clock=clock, runner=run_inline,
+                    sleep=clock.sleep, clock=clock, pool=InlinePool(),
                     idempotency=InMemoryIdempotencyStore(lock_seconds=90), **kw)
 
 
@@ -113,9 +114,10 @@ def test_a_30_second_email_outage_dead_letters_nothing_and_sends_each_email_once
     assert dlq.letters == []
     assert sorted(ses.sent) == sorted(f"o-{n}" for n in range(1, count + 1)), "each email exactly once"
     assert 30 <= clock.now - 1_900_000_000 < 70, "recovered soon after the outage, well inside the deadline"
-    # Before the circuit opens: one call's worth (<= 25 changes) when >= 5 records fail,
-    # else each of the few records spends its 5 attempts. Then single probes, then the rest.
-    before_open = min(count, 25) if count >= 5 else 5 * count
+    # Before the circuit opens: one round's worth (a round starts all its calls at once: every
+    # record) when >= 5 records fail, else each of the few records spends its 5 attempts.
+    # Then single probes, then the rest.
+    before_open = count if count >= 5 else 5 * count
     assert ses.calls <= before_open + 6 + count, "probing, not hammering the downstream"
 
 
@@ -153,7 +155,7 @@ def test_a_transient_failure_of_one_record_is_dead_lettered_once_the_route_is_se
             raise PartialBatchFailure(failures)
 
     p = Pipeline(router=Router([Route("email", "Orders", throttled_for_o1)]), ctx=None, dead_letters=dlq,
-                 retry=RetryPolicy(max_attempts=3, base_seconds=0.2), sleep=clock.sleep, clock=clock, runner=run_inline)
+                 retry=RetryPolicy(max_attempts=3, base_seconds=0.2), sleep=clock.sleep, clock=clock, pool=InlinePool())
     results = p.process(records(3), "s")
     assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE, Outcome.DONE]
     assert dlq.letters[0].attempts == 3
@@ -174,7 +176,7 @@ def test_other_routes_finish_while_one_is_down():
     ses = FlakySes(clock, down_until=clock.now + 10)
     copied = []
     p = Pipeline(router=Router([Route("email", "Orders", ses), Route("copy", "Orders", lambda cs, ctx: copied.extend(cs))]),
-                 ctx=None, dead_letters=dlq, retry=RetryPolicy(), sleep=clock.sleep, clock=clock, runner=run_inline)
+                 ctx=None, dead_letters=dlq, retry=RetryPolicy(), sleep=clock.sleep, clock=clock, pool=InlinePool())
     results = p.process(records(6), "s")
     assert len(copied) == 6 and {r.outcome for r in results} == {Outcome.DONE}
     assert len(ses.sent) == 6 and not dlq.letters
@@ -196,7 +198,7 @@ def test_a_hung_call_times_out_and_is_retried():
     clock, dlq = FakeClock(), InMemoryDeadLetterSink()
     p = Pipeline(router=Router([Route("copy", "Orders", hangs_first)]), ctx=None, dead_letters=dlq,
                  retry=RetryPolicy(base_seconds=0, max_seconds=0), sleep=clock.sleep, clock=clock,
-                 runner=ThreadRunner(), handler_timeout_seconds=0.05)
+                 pool=CallPool(), handler_timeout_seconds=0.05)
     try:
         results = p.process(records(1), "s")
     finally:
@@ -204,38 +206,23 @@ def test_a_hung_call_times_out_and_is_retried():
     assert [r.outcome for r in results] == [Outcome.DONE] and len(calls) == 2 and not dlq.letters
 
 
-def test_the_runner_reraises_handler_errors_and_gives_up_when_too_many_calls_hang():
-    runner = ThreadRunner(max_abandoned=2)
-    with pytest.raises(KeyError):
-        runner(lambda: {}["x"], 5)
-    release = threading.Event()
-    try:
-        for _ in range(2):
-            with pytest.raises(HandlerTimeout):
-                runner(lambda: release.wait(30), 0.01)
-        with pytest.raises(FatalProcessingError, match="still hung"):
-            runner(lambda: None, 5)
-    finally:
-        release.set()
+class RecordingPool(InlinePool):
+    def __init__(self):
+        self.seen = []
+
+    def run(self, calls, timeout, time_left):
+        self.seen.append((timeout, time_left))
+        return super().run(calls, timeout, time_left)
 
 
-def test_the_call_deadline_never_exceeds_what_is_left_of_the_batch_deadline():
-    seen = []
-
-    def record_timeout(fn, timeout):
-        seen.append(timeout)
-        fn()
-
-    clock = FakeClock()
+def test_the_pool_is_given_the_call_timeout_and_what_is_left_of_the_batch_deadline():
+    clock, pool = FakeClock(), RecordingPool()
     p = Pipeline(router=Router([Route("copy", "Orders", lambda cs, ctx: clock.sleep(50))]), ctx=None,
-                 dead_letters=InMemoryDeadLetterSink(), sleep=clock.sleep, clock=clock, runner=record_timeout,
+                 dead_letters=InMemoryDeadLetterSink(), sleep=clock.sleep, clock=clock, pool=pool,
                  handler_timeout_seconds=60, batch_deadline_seconds=100)
     p.process(records(1), "s")
     p.process(records(1, start=5), "s")
-    assert seen == [60, 60]
-    p.batch_deadline_seconds = 30
-    p.process(records(1, start=9), "s")
-    assert seen[-1] == 30
+    assert pool.seen == [(60, 100), (60, 100)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +300,10 @@ def test_a_hung_handler_thread_does_not_keep_the_child_alive():
 
     script = (
         "import threading\n"
-        "from orders_cdc.retry import ThreadRunner\n"
+        "from orders_cdc.concurrency import Call, CallPool\n"
         "from orders_cdc.errors import HandlerTimeout\n"
-        "try:\n"
-        "    ThreadRunner()(lambda: threading.Event().wait(), 0.01)\n"
-        "except HandlerTimeout:\n"
-        "    print('timed out')\n"
+        "[result] = CallPool().run([Call(lambda: threading.Event().wait())], 0.01, 60)\n"
+        "print('timed out' if isinstance(result, HandlerTimeout) else result)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert (proc.returncode, proc.stdout.strip()) == (0, b"timed out")

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 
+from orders_cdc.concurrency import CallPool, InlinePool
 from orders_cdc.counters import CounterUpdate
 from orders_cdc.deadletter import InMemoryDeadLetterSink
 from orders_cdc.errors import FatalProcessingError, PartialBatchFailure, PermanentError, RetryableError
@@ -17,7 +18,7 @@ from orders_cdc.idempotency.base import Status
 from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
 from orders_cdc.idempotency.memory import InMemoryIdempotencyStore
 from orders_cdc.pipeline import Outcome, Pipeline
-from orders_cdc.retry import RetryPolicy, ThreadRunner, run_inline
+from orders_cdc.retry import RetryPolicy
 from orders_cdc.routing import Idempotency, Route, Router
 from tests.factories import kcl_record, kds_record, sequence_number
 from tests.unit.test_idempotency import counting, ddb_client, idempotency_table
@@ -57,7 +58,7 @@ def make(routes, store=None, clock=None, dlq=None, attempts=3, **kw):
     store = store if store is not None else InMemoryIdempotencyStore(lock_seconds=90)
     p = Pipeline(router=Router(routes), ctx=None, dead_letters=dlq if dlq is not None else InMemoryDeadLetterSink(),
                  retry=RetryPolicy(max_attempts=attempts, base_seconds=0.0, max_seconds=0.0),
-                 sleep=clock.sleep, clock=clock, runner=kw.pop("runner", run_inline),
+                 sleep=clock.sleep, clock=clock, pool=kw.pop("pool", InlinePool()),
                  idempotency=store, **kw)
     return p, store, clock
 
@@ -217,7 +218,7 @@ def test_a_timed_out_reaction_keeps_its_lock_until_the_lease_ends():
             release.wait(30)
 
     clock = FakeClock()
-    p, store, _ = make([Route("email", "Orders", hangs_once)], clock=clock, runner=ThreadRunner(),
+    p, store, _ = make([Route("email", "Orders", hangs_once)], clock=clock, pool=CallPool(),
                        handler_timeout_seconds=0.05)
     try:
         results = p.process(batch(shipped("o-1")), "s")
@@ -255,14 +256,32 @@ def test_atomic_routes_cost_under_a_tenth_of_a_call_per_record(ddb_store):
     assert sorted((i["order_id"]["S"], i["n"]["N"]) for i in items) == sorted((f"o-{i}", "1") for i in range(500))
 
 
-def test_per_change_routes_cost_one_lock_per_change_plus_batched_reads_and_markers(ddb_store):
+def test_per_change_routes_lock_100_changes_per_transaction_and_batch_reads_and_markers(ddb_store):
     store, calls = ddb_store
     p, _, _ = make([Route("email", "Orders", Reactions())], store=store)
-    p.process(batch(*[shipped(f"o-{i}") for i in range(100)]), "s")
-    assert dict(calls) == {"BatchGetItem": 1, "PutItem": 100, "BatchWriteItem": 4}
+    p.process(batch(*[shipped(f"o-{i}") for i in range(150)]), "s")
+    assert dict(calls) == {"BatchGetItem": 2, "TransactWriteItems": 2, "BatchWriteItem": 6}
+    items = store._ddb.scan(TableName=store.table)["Items"]
+    assert len(items) == 150 and {i["status"]["S"] for i in items} == {"COMPLETED"}
     calls.clear()
-    p.process(batch(*[shipped(f"o-{i}") for i in range(100)], start=200), "s")
-    assert dict(calls) == {"BatchGetItem": 1}, "a redelivered batch costs one read"
+    p.process(batch(*[shipped(f"o-{i}") for i in range(150)], start=200), "s")
+    assert dict(calls) == {"BatchGetItem": 2}, "a redelivered batch costs only the reads"
+
+
+def test_a_lock_transaction_cancelled_by_locks_in_the_way_is_sent_again_without_them(ddb_store):
+    store, calls = ddb_store
+    other = DynamoDbIdempotencyStore(store._ddb, store.table, lock_seconds=90)  # another worker
+    now = 1_900_000_000.0
+    other.save_inprogress("k-1", now)
+    other.save_success(["k-2"], now)
+    calls.clear()
+    refused = store.save_inprogress_many(["k-0", "k-1", "k-2", "k-3"], now)
+    assert {k: type(e).__name__ for k, e in refused.items()} == {
+        "k-1": "IdempotencyInProgressError", "k-2": "IdempotencyAlreadyCompletedError"}
+    assert refused["k-1"].until == pytest.approx(now + 90)
+    assert dict(calls) == {"TransactWriteItems": 2}, "the first cancelled (ALL_OLD says why), the second takes k-0, k-3"
+    assert {i["id"]["S"]: i["status"]["S"] for i in store._ddb.scan(TableName=store.table)["Items"]} == {
+        "k-0": "INPROGRESS", "k-1": "INPROGRESS", "k-2": "COMPLETED", "k-3": "INPROGRESS"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,4 +347,4 @@ def test_the_wired_processor_reacts_once_to_a_redelivered_batch(moto_server):
     assert "TransactWriteItems" not in calls, "no second inventory movement or metric increment"
     assert calls["PutRecordBatch"] == 2, "analytics and audit copies again (downstream dedups)"
     assert calls["BatchGetItem"] == 1, "duplicates found in one read"
-    assert calls["PutItem"] == first["PutItem"] - 2 == 3, "no locks taken; what is left is the view's own guarded writes"
+    assert calls["PutItem"] == first["PutItem"] == 1, "no locks taken; what is left is the view's own guarded write"

@@ -2,10 +2,11 @@
 
 import pytest
 
+from orders_cdc.concurrency import InlinePool
 from orders_cdc.deadletter import DeadLetterSink, InMemoryDeadLetterSink
 from orders_cdc.errors import FatalProcessingError, PartialBatchFailure, PermanentError, RetryableError
 from orders_cdc.pipeline import Outcome, Pipeline
-from orders_cdc.retry import RetryPolicy, run_inline
+from orders_cdc.retry import RetryPolicy
 from orders_cdc.routing import Route, Router
 from tests.factories import kcl_record, kds_record, sequence_number
 
@@ -59,7 +60,7 @@ def pipeline(routes, dlq=None, attempts=3, clock=None, **kw):
         retry=RetryPolicy(max_attempts=attempts, base_seconds=0.0, max_seconds=0.0),
         sleep=clock.sleep,
         clock=clock,
-        runner=run_inline,
+        pool=InlinePool(),
         **kw,
     )
 
@@ -176,7 +177,7 @@ def test_records_older_than_max_age_are_not_retried():
 
     p = Pipeline(router=Router([Route("down", "Orders", down)]), ctx=None, dead_letters=InMemoryDeadLetterSink(),
                  retry=RetryPolicy(max_attempts=10, base_seconds=0, max_seconds=0, max_record_age_seconds=60),
-                 sleep=lambda s: None, runner=run_inline)  # the factory's records were created in 2024
+                 sleep=lambda s: None, pool=InlinePool())  # the factory's records were created in 2024
     results = p.process(batch(order("o-1", "x", event="INSERT")), "s")
     assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED]
     assert tries == [1]
