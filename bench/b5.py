@@ -260,15 +260,15 @@ def _c_fast_path() -> bool | None:
 
 
 def spy(profile: str = "aws", size: int = 1000) -> dict[str, Any]:
-    """Our child under ``profile``, one batch recorded with --idle (wall time, every thread)
-    and one without (active samples only); --threads keeps the thread of each sample."""
+    """Our child under ``profile``: one batch recorded with --idle (wall time, every thread),
+    the next with --gil (CPU); --threads keeps the thread of each sample."""
     exe = _py_spy()
     if exe is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
     from bench.orders import kds_docs
 
-    docs = kds_docs(3 * size + 200, seed=11)
-    batches = build_batches(docs, size, 3, 200)
+    docs = kds_docs(2 * size + 200)
+    batches = build_batches(_warm_first(docs, 200), size, 2, 200)
     fake = FakeAws(profile, f"spy-{profile}")
     out: dict[str, Any] = {"profile": profile, "batch": size, "transport": TRANSPORT}
     try:
@@ -276,8 +276,10 @@ def spy(profile: str = "aws", size: int = 1000) -> dict[str, Any]:
         try:
             driver.initialize()
             driver.batch(batches.warmup)
-            driver.batch(batches.lines[0])  # a second warm-up: every client and thread up
-            for kind, line, flags in (("wall", batches.lines[1], ["--idle"]), ("active", batches.lines[2], [])):
+            # wall: every thread, waiting or not (--idle); cpu: only samples holding the GIL
+            # (--gil), i.e. Python running (py-spy's own idle test counts a thread blocked in a
+            # socket read as active, so it would overstate the CPU).
+            for kind, line, flags in (("wall", batches.lines[0], ["--idle"]), ("cpu", batches.lines[1], ["--gil"])):
                 raw = WORK / "b5" / f"spy-{profile}-{kind}.txt"
                 recorder = subprocess.Popen([exe, "record", "--pid", str(driver.proc.pid), "--rate", "250", "--format", "raw",
                                              "--threads", "--nonblocking", "--output", str(raw), *flags],
@@ -305,6 +307,10 @@ def raw_summary(path: Path, top: int = 15) -> dict[str, Any]:
     """py-spy raw (collapsed) stacks with --threads: samples by thread, top functions by own
     (leaf) and total (anywhere on the stack, once per sample) samples."""
     threads: dict[str, int] = {}
+    ids: dict[str, set[str]] = {}
+    modules: dict[str, int] = {}
+    handler_wall: dict[str, int] = {}
+    main = 0
     own: dict[str, int] = {}
     total_by: dict[str, int] = {}
     total = 0
@@ -315,12 +321,22 @@ def raw_summary(path: Path, top: int = 15) -> dict[str, Any]:
         n = int(count)
         total += n
         parts = stack.split(";")
-        thread = parts[0]
-        name = thread.split('"')[1] if '"' in thread else thread
-        # Pool threads share a name prefix (views_0, ThreadPoolExecutor-0_3): group them.
-        group = name.rstrip("0123456789").rstrip("_-") or name
+        # "thread (1234): name"; pool threads share a name prefix (views_0, ...): grouped.
+        tid, _, name = parts[0].partition(": ")
+        group = (name or tid).rstrip("0123456789").rstrip("_-") or name or tid
         threads[group] = threads.get(group, 0) + n
+        ids.setdefault(group, set()).add(tid)
         frames = [_frame(f) for f in parts[1:]] or [("(no Python frame)", "")]
+        route = next((file for fn, file in frames if file.startswith("processors/") and not
+                      file.removeprefix("processors/").startswith("_")), None)
+        route = route or next((file for fn, file in frames if file.startswith("processors/")), None)
+        if route is None:
+            route = "main thread: " + frames[-1][0] if group == "MainThread" else "outside handlers: " + frames[-1][0]
+        modules[route] = modules.get(route, 0) + n
+        if group == "handler":  # one handler call at a time: its thread's samples are wall time
+            handler_wall[route] = handler_wall.get(route, 0) + n
+        elif group == "MainThread":
+            main += n
         labels = [f"{fn} ({file})" for fn, file in frames]
         own[labels[-1]] = own.get(labels[-1], 0) + n
         for label in set(labels):
@@ -329,7 +345,14 @@ def raw_summary(path: Path, top: int = 15) -> dict[str, Any]:
     def share(d: dict[str, int], k: int = top) -> dict[str, float]:
         return {key: round(v / total * 100, 1) for key, v in sorted(d.items(), key=lambda kv: -kv[1])[:k]}
 
-    return {"samples": total, "percent_by_thread": share(threads, 30), "top_own_percent": share(own),
+    return {"samples": total, "percent_by_thread": share(threads, 30),
+            "threads_seen": {g: len(t) for g, t in sorted(ids.items())},
+            "percent_by_handler_module": share(modules, 12),
+            # With --idle: the share of the main thread's time (≈ the batch's wall time) that a
+            # handler call of each module was running (the main thread waits in join meanwhile).
+            "handler_calls_percent_of_main_thread": {k: round(v / main * 100, 1) for k, v in
+                                                     sorted(handler_wall.items(), key=lambda kv: -kv[1])} if main else {},
+            "top_own_percent": share(own),
             "top_total_percent": share(total_by)}
 
 
