@@ -1,6 +1,6 @@
-"""`make bench`: run B1-B4, print the table, write bench/results.json.
+"""`make bench`: run B1-B5, print the table, write bench/results.json.
 
-    python -m bench [--only b1,b2,b3] [--reps N] [--b3-changes N] [--b3-rate R] [--quick]
+    python -m bench [--only b1,b2,b3,b5] [--reps N] [--b3-changes N] [--b3-rate R] [--quick]
 
 Benchmarks are not tests: nothing here fails on speed. A target missed is printed as
 missed, with the profile of where our child's time goes (B1) in results.json.
@@ -89,6 +89,12 @@ def _b3(args, console: Console) -> tuple[dict[str, Any], dict[str, Any]]:
     from bench import b3
 
     return b3.run(args.b3_changes, args.b3_rate, args.b3_low_changes, args.b3_low_rate, progress=console.log)
+
+
+def _b5(quick: bool, console: Console) -> dict[str, Any]:
+    from bench import b5
+
+    return b5.run(quick=quick, progress=console.log)
 
 
 def _fmt(value: Any, unit: str = "", digits: int = 0) -> str:
@@ -191,7 +197,37 @@ def table(results: dict[str, Any]) -> Table:
             t.add_row(f"B4 {name} calls/record", f"{_fmt(own, digits=3)} · {_fmt(total, digits=3)}",
                       f"{h['calls']} own + {h.get('idempotency_calls', 0):g} idempotency / {h['records']} rec"
                       + (f" (batch ≈{batch:g})" if name in ("analytics", "metrics") and batch else ""), target, _verdict(ok))
+    b5 = results.get("B5")
+    if b5 and b5.get("profiles"):
+        _b5_rows(t, b5)
     return t
+
+
+def _b5_rows(t: Table, b5: dict[str, Any]) -> None:
+    read, write = b5["shard_read_limit_changes_per_s"], b5["shard_write_limit_changes_per_s"]
+    order = {"zero": 0, "aws": 1, "aws-p99": 2}  # results.json sorts its keys
+    for profile, e in sorted(b5["profiles"].items(), key=lambda kv: order.get(kv[0], 9)):
+        o, b = e["ours"], e["baseline"]
+        ratio = e["ratio_vs_baseline"]
+        if profile == "aws":
+            target, ok = "≥ 590/s (stretch 1,180); ≥ ×10", o["changes_per_s"] >= 590 and ratio >= 10
+        elif profile == "zero":
+            target, ok = f"≥ 2× read limit = {2 * read:,}/s", o["changes_per_s"] >= 2 * read
+        else:
+            target, ok = "", None
+        t.add_row(f"B5 {profile}: changes/s, real botocore, HTTP on loopback",
+                  f"{o['changes_per_s']:,.1f} · {o['mib_per_s']:.3f} MiB/s",
+                  f"kclpy loop {b['changes_per_s']:,.1f} (batch {b['batch_size']}) → ×{ratio}; "
+                  f"shard write {write:,}/s, read {read:,}/s", target, _verdict(ok))
+        if profile == "aws" and o["changes_per_s"] < 1180:
+            t.add_row("   stretch", "", "", "≥ 1,180/s", _verdict(False))
+        calls = ", ".join(f"{op.split('.')[1]} {n:g}" for op, n in sorted(o["calls_per_change"].items(), key=lambda kv: -kv[1])[:4])
+        t.add_row("   calls per change (non-email)", f"{o['calls_per_change_total']:.3f} ({o['non_email_calls_per_change']:.3f})",
+                  calls, "non-email ≤ 0.1", _verdict(o["non_email_calls_per_change"] <= 0.1))
+        t.add_row("   in flight · CPU s/1000 · RSS", f"{o['max_in_flight']} · {o['child_cpu_s_per_1000_changes']:.2f} s · "
+                  f"{o['child_peak_rss_mb']:.0f} MiB",
+                  f"kclpy {b['max_in_flight']} · {b['child_cpu_s_per_1000_changes']:.2f} s · {b['child_peak_rss_mb']:.0f} MiB; "
+                  f"endpoint CPU {o['fakeaws_cpu_s_per_1000_changes']:.2f} s/1000", "", "")
 
 
 def profile_table(results: dict[str, Any]) -> Table | None:
@@ -222,13 +258,13 @@ def profile_table(results: dict[str, Any]) -> Table | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="b1,b2,b3", help="comma list of b1, b2, b3 (b3 includes B4)")
+    parser.add_argument("--only", default="b1,b2,b3,b5", help="comma list of b1, b2, b3 (b3 includes B4), b5")
     parser.add_argument("--reps", type=int, default=3, help="runs of each side per comparison (medians)")
     parser.add_argument("--b3-changes", type=int, default=1000)
     parser.add_argument("--b3-rate", type=float, default=50.0, help="table writes per second in B3")
     parser.add_argument("--b3-low-changes", type=int, default=100, help="changes of B3's low-rate phase (0: none)")
     parser.add_argument("--b3-low-rate", type=float, default=5.0)
-    parser.add_argument("--quick", action="store_true", help="smaller B1/B2 runs (a smoke test, not for the README)")
+    parser.add_argument("--quick", action="store_true", help="smaller B1/B2/B5 runs (a smoke test, not for the README)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     only = {p.strip().lower() for p in args.only.split(",")}
@@ -265,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             b3, b4 = {"error": repr(exc)}, {"error": repr(exc)}
         results["B3"] = _stamp(b3, started, before)
         results["B4"] = _stamp(b4, started, before)
+    if "b5" in only:
+        started, before = time.monotonic(), os.getloadavg()
+        console.log("B5: our child through real botocore + HTTP at AWS latencies (bench.fakeaws), vs kclpy's loop")
+        results["B5"] = _stamp(_b5(args.quick, console), started, before)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     out = Console()

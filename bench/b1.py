@@ -42,6 +42,7 @@ class Batches:
     records: int
     payload_bytes: int  # the Kinesis records' data, decoded: what counts against 2 MB/s
     warmup: bytes = b""
+    line_payloads: list[int] = field(default_factory=list)  # payload_bytes, line by line
 
 
 def build_batches(docs: list[dict], size: int, count: int, warmup_records: int = 200) -> Batches:
@@ -63,13 +64,13 @@ def build_batches(docs: list[dict], size: int, count: int, warmup_records: int =
 
     n = len(docs)
     warm = line([(len(docs) - 1 - i) % n for i in range(warmup_records)])
-    lines, payload, at = [], 0, 0
+    lines, payloads, at = [], [], 0
     for _ in range(count):
         indices = [(at + j) % n for j in range(size)]
         at += size
-        payload += sum(len(raws[i]) for i in indices)
+        payloads.append(sum(len(raws[i]) for i in indices))
         lines.append(line(indices))
-    return Batches(size, lines, size * count, payload, warm)
+    return Batches(size, lines, size * count, sum(payloads), warm, payloads)
 
 
 @dataclass
@@ -112,12 +113,12 @@ def _cpu_seconds(pid: int) -> float:
 class _Driver:
     """The daemon's side of the pipe."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                     cwd=ROOT, env=child_env())
+                                     cwd=ROOT, env=env if env is not None else child_env())
         self.checkpoints = 0
 
     def send(self, line: bytes) -> None:
@@ -143,6 +144,14 @@ class _Driver:
                 return
             else:
                 raise ChildFailed(f"unexpected message {message!r}")
+
+    def initialize(self, shard: str = "shardId-000000000000") -> None:
+        self.request({"action": "initialize", "shardId": shard, "sequenceNumber": "TRIM_HORIZON", "subSequenceNumber": 0})
+
+    def batch(self, line: bytes) -> None:
+        """One processRecords line, served to its status."""
+        self.send(line)
+        self.serve("processRecords")
 
     def request(self, message: dict) -> None:
         self.send(orjson.dumps(message) + b"\n")

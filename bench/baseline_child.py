@@ -12,7 +12,11 @@ batch plumbing; the handlers' own work is identical. (boto3's TypeDeserializer c
 the base64 text that B/BS values are on the wire and raises TypeError; the usual fix, also
 Powertools', is to decode it in ``_deserialize_b``/``_deserialize_bs``, done here.)
 
-    python -m bench.baseline_child [--mode full|route-only] [--calls-out FILE]
+    python -m bench.baseline_child [--mode full|route-only] [--calls-out FILE] [--clients fake|real]
+
+``--clients real`` (B5) gives the handlers real boto3 clients (``orders_cdc.app.Clients``,
+honouring AWS_ENDPOINT_URL) instead of ``bench.fakes``: the same sequential loop, through
+botocore and HTTP to whatever endpoint the environment names.
 """
 
 from __future__ import annotations
@@ -129,15 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.baseline_child")
     parser.add_argument("--mode", choices=("full", "route-only"), default="full")
     parser.add_argument("--calls-out")
+    parser.add_argument("--clients", choices=("fake", "real"), default="fake")
     args = parser.parse_args(argv)
 
     from orders_cdc import settings as settings_module
+    from orders_cdc.app import Clients
     from processors import all_routes
 
     settings = settings_module.load()
     calls = CallLog()
     routes = bench_routes(all_routes(settings.resources), args.mode, calls)
-    ctx = Context(settings, FakeClients(settings, calls))
+    clients = Clients(settings) if args.clients == "real" else FakeClients(settings, calls)
+    ctx = Context(settings, clients)
     try:
         kcl.KCLProcess(UsualProcessor(routes, ctx)).run()
     finally:
