@@ -239,7 +239,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
 
 def calls_per_record(run: Run) -> dict[str, dict[str, Any]]:
     """Per route: records handed to its handler, the handler's own AWS calls, the pipeline's
-    idempotency/ordering calls made for it, and both per record."""
+    idempotency calls made for it, and both per record."""
     out: dict[str, dict[str, Any]] = {}
     records = run.calls.get("records", {})
     suffix = " [idempotency]"
@@ -345,7 +345,6 @@ _SPY_RULES: list[tuple[str, Callable[[str, str], bool]]] = [
     # (category, test on (function, file)); a sample goes to the first rule any of its frames meets.
     ("handlers", lambda fn, file: file.startswith("processors/")),
     ("idempotency (keys, guard, store)", lambda fn, file: file.startswith("orders_cdc/idempotency/")),
-    ("ordering (high-water marks)", lambda fn, file: file == "orders_cdc/ordering.py"),
     ("decode (base64, orjson, envelope)", lambda fn, file: fn == "decode_kcl_record"),
     ("route (predicates, status reads)", lambda fn, file: file == "orders_cdc/routing.py"),
     ("protocol: read + parse the line", lambda fn, file: fn == "_Io.read"),
@@ -354,7 +353,7 @@ _SPY_RULES: list[tuple[str, Callable[[str, str], bool]]] = [
     ("logging", lambda fn, file: file.startswith("logging/") or "pythonjsonlogger" in file),
     ("pipeline bookkeeping (plan, tasks, results)", lambda fn, file: file == "orders_cdc/pipeline.py"),
     ("checkpoint policy + processor", lambda fn, file: file in ("orders_cdc/checkpointing.py", "orders_cdc/consumer.py")),
-    ("handler threads (ThreadRunner)", lambda fn, file: file == "orders_cdc/retry.py"),
+    ("call pool threads", lambda fn, file: file == "orders_cdc/concurrency.py"),
 ]
 _HANDLER_PARTS: list[tuple[str, Callable[[str, str], bool]]] = [
     ("fake AWS clients (bench only)", lambda fn, file: file == "bench/fakes.py" and "attributed" not in fn),

@@ -534,7 +534,7 @@ def run(n: int = 1000, rate: float = 50.0, low_n: int = 100, low_rate: float = 5
         "method": "moto's request recorder over B3's steady-rate window; each request attributed by "
                   "operation, table or queue, Firehose record_type and email subject; idempotency-table "
                   "requests by the route names in their keys (shared by key count). calls_per_record = "
-                  "the handler's own calls; total_calls_per_record adds the idempotency/ordering calls made for it",
+                  "the handler's own calls; total_calls_per_record adds the idempotency calls made for it",
     }
     return b3, b4
 

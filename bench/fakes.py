@@ -44,10 +44,10 @@ class CallLog:
         """The same routes, each handler wrapped so that calls made inside it count for it."""
         out = []
         for route in routes:
-            out.append(replace(route, handler=self._wrap(route.name, route.handler)))
+            out.append(replace(route, handler=self._wrap(route.name, route.handler, route.per_change)))
         return out
 
-    def _wrap(self, name: str, handler):
+    def _wrap(self, name: str, handler, per_change: bool = False):
         log = self
 
         def attributed(changes, ctx):
@@ -61,7 +61,7 @@ class CallLog:
                 log._local.route = previous
                 log._active = NO_ROUTE
                 with log._lock:
-                    log.records[name] += len(changes)
+                    log.records[name] += 1 if per_change else len(changes)
                     log.seconds[name] += elapsed
 
         attributed.__name__ = getattr(handler, "__name__", name)
@@ -76,7 +76,7 @@ class CallLog:
         with self._lock:
             route = self.route
             if route == NO_ROUTE and service == "dynamodb":
-                # The pipeline's idempotency / ordering calls, made around the handlers:
+                # The pipeline's idempotency calls, made around the handlers:
                 # attributed to the routes named in their keys, shared by key count.
                 owners = key_routes(kwargs)
                 total = sum(owners.values())
