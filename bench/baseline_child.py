@@ -102,13 +102,20 @@ class UsualProcessor(processor.RecordProcessorBase):
                     work.setdefault(route, []).append(change)
             last = record
         for route, changes in work.items():
-            for call in ([c] for c in changes) if route.per_change else [changes]:
-                try:
-                    out = route.handler(call[0] if route.per_change else call, self.ctx)
-                    if route.idempotency is Idempotency.ATOMIC:
-                        self._write_counters(out)
-                except Exception:  # the sample logs and carries on
-                    traceback.print_exc(file=sys.stderr)
+            try:
+                if route.per_change:  # one change after the other
+                    out = []
+                    for change in changes:
+                        try:
+                            out.append(route.handler(change, self.ctx))
+                        except Exception:  # the sample logs and carries on
+                            traceback.print_exc(file=sys.stderr)
+                else:
+                    out = route.handler(changes, self.ctx)
+                if route.idempotency is Idempotency.ATOMIC:
+                    self._write_counters(out)
+            except Exception:  # the sample logs and carries on
+                traceback.print_exc(file=sys.stderr)
         if last is not None:
             process_records_input.checkpointer.checkpoint(last.sequence_number, last.sub_sequence_number)
 

@@ -243,8 +243,12 @@ class FakeClients(Clients):
         return FakeClient(service, self.log)
 
 
-def _noop(changes, ctx) -> list:
-    return [[] for _ in changes]  # an ATOMIC route's "nothing to count"; ignored by the others
+def _noop(changes, ctx) -> None:
+    return None
+
+
+def _noop_change(change, ctx) -> list:
+    return []  # an ATOMIC route's "nothing to count"; ignored by the others
 
 
 def bench_routes(routes, mode: str, calls: CallLog) -> list:
@@ -253,5 +257,5 @@ def bench_routes(routes, mode: str, calls: CallLog) -> list:
     from dataclasses import replace
 
     if mode == "route-only":
-        routes = [replace(r, handler=_noop) for r in routes]
+        routes = [replace(r, handler=_noop_change if r.per_change else _noop) for r in routes]
     return calls.attributed(routes)

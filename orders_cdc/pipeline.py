@@ -277,10 +277,10 @@ class Pipeline:
         route = unit.route
         if self._guard.mode(route) is Idempotency.ATOMIC:
             keys = [t.key for t in unit.tasks]
-            return Call(lambda: self._guard.atomic(changes, keys, lambda cs: self._handle(route, cs)))
+            return Call(lambda: self._guard.atomic(changes, keys, lambda cs: call_handler(route, cs, self.ctx)))
 
         def run() -> CallResult:
-            failures, _ = self._handle(route, changes)
+            failures, _ = call_handler(route, changes, self.ctx)
             return CallResult(done=[j for j in range(len(changes)) if j not in failures], failed=failures)
 
         on_late = None
@@ -288,33 +288,6 @@ class Pipeline:
             keys = [t.key for t in unit.tasks]
             on_late = lambda result: self._guard.late([keys[j] for j in getattr(result, "done", ())])  # noqa: E731
         return Call(run, on_late)
-
-    def _handle(self, route: Route, changes: Sequence[ChangeRecord]) -> tuple[dict[int, BaseException], Any]:
-        """Call the route's handler; ({index: why} for the changes it failed, its output)."""
-        if route.per_change:
-            failures: dict[int, BaseException] = {}
-            failed_items: set[str] = set()
-            for j, change in enumerate(changes):
-                item = item_id(change)
-                if item in failed_items:
-                    failures[j] = DeferredError("held: an earlier change of this item failed")
-                    continue
-                try:
-                    route.handler(change, self.ctx)
-                except FatalProcessingError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
-                    failures[j] = exc
-                    failed_items.add(item)
-            return failures, None
-        try:
-            return {}, route.handler(changes, self.ctx)
-        except PartialBatchFailure as partial:
-            return dict(partial.failures), None
-        except FatalProcessingError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
-            return {j: exc for j in range(len(changes))}, None
 
     def _result_of(self, unit: _Unit, result: Any) -> CallResult:
         if isinstance(result, FatalProcessingError):
@@ -411,6 +384,39 @@ class Pipeline:
                                "attempts": letter.attempts, "routes": list(letter.failed_routes)},
                     )
                 return
+
+
+def call_handler(route: Route, changes: Sequence[ChangeRecord], ctx: Any) -> tuple[dict[int, BaseException], Any]:
+    """Call the route's handler: ({index: why} for the changes it failed, its output).
+
+    A `per_change` route's handler is called once per change, in order; what each call
+    returned is the output (per change), an exception fails that change only, and the later
+    changes of its item are held back (they must not overtake it)."""
+    if route.per_change:
+        failures: dict[int, BaseException] = {}
+        outputs: list[Any] = []
+        failed_items: set[str] = set()
+        for j, change in enumerate(changes):
+            item = item_id(change)
+            try:
+                if item in failed_items:
+                    raise DeferredError("held: an earlier change of this item failed")
+                outputs.append(route.handler(change, ctx))
+            except FatalProcessingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
+                failures[j] = exc
+                outputs.append(None)
+                failed_items.add(item)
+        return failures, outputs
+    try:
+        return {}, route.handler(changes, ctx)
+    except PartialBatchFailure as partial:
+        return dict(partial.failures), None
+    except FatalProcessingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
+        return {j: exc for j in range(len(changes))}, None
 
 
 def _ready(tasks: list[_Task], now: float) -> tuple[list[_Task], float | None]:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors._firehose import MAX_RECORDS, put_changes
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 RECORD_TYPE = "analytics"
 
@@ -63,7 +66,7 @@ def to_event(change: ChangeRecord) -> dict[str, Any]:
     }
 
 
-def firehose_copy(changes: Sequence[ChangeRecord], ctx) -> None:
+def firehose_copy(changes: Sequence[ChangeRecord], ctx: Context) -> None:
     put_changes(ctx, changes, lambda c: dumps_exact(to_event(c)) + b"\n")
 
 

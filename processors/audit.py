@@ -13,13 +13,16 @@ Not idempotent by itself: a redelivered change writes a second, identical entry 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors._firehose import MAX_RECORD_BYTES, MAX_RECORDS, put_changes
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 RECORD_TYPE = "audit"
 
@@ -70,7 +73,7 @@ def to_line(change: ChangeRecord) -> bytes:
     return line
 
 
-def firehose_audit(changes: Sequence[ChangeRecord], ctx) -> None:
+def firehose_audit(changes: Sequence[ChangeRecord], ctx: Context) -> None:
     put_changes(ctx, changes, to_line)
 
 

@@ -32,14 +32,18 @@ none; several changes share a transaction). A redelivery finds the marker.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.counters import CounterUpdate
 from orders_cdc.routing import Idempotency, Route, transition
 from orders_cdc.settings import Resources
 from processors import _order
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 _UPSERTS = frozenset({EventName.INSERT, EventName.MODIFY})
 
@@ -74,23 +78,17 @@ def movements(change: ChangeRecord) -> Movements:
     return {p: {c: d for c, d in counters.items() if d} for p, counters in out.items() if any(counters.values())}
 
 
-def settle(changes: Sequence[ChangeRecord], ctx) -> list[list[CounterUpdate] | BaseException]:
-    """Each change's movements as counter updates (an exception for a change with bad order data)."""
+def settle(change: ChangeRecord, ctx: Context) -> list[CounterUpdate]:
+    """The change's movements as counter updates (bad order data raises: that change fails alone)."""
     table = ctx.settings.resources.inventory_table
-    out: list[list[CounterUpdate] | BaseException] = []
-    for change in changes:
-        try:
-            out.append([CounterUpdate.of(table, {"product_id": p}, d) for p, d in movements(change).items()])
-        except Exception as exc:  # noqa: BLE001 - one change's failure, classified by the pipeline
-            out.append(exc)
-    return out
+    return [CounterUpdate.of(table, {"product_id": p}, d) for p, d in movements(change).items()]
 
 
 def routes(resources: Resources) -> list[Route]:
     table = resources.orders_table
     return [
         Route("inventory.shipped", table, settle, events=_UPSERTS, when=transition("status", "shipped"),
-              idempotency=Idempotency.ATOMIC),
+              idempotency=Idempotency.ATOMIC, per_change=True),
         Route("inventory.cancelled", table, settle, events=_UPSERTS, when=transition("status", "cancelled"),
-              idempotency=Idempotency.ATOMIC),
+              idempotency=Idempotency.ATOMIC, per_change=True),
     ]

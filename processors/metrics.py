@@ -28,15 +28,18 @@ batch is cut, finds its marker and is not counted again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orders_cdc.change import ChangeRecord
 from orders_cdc.counters import CounterUpdate
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +83,13 @@ def deltas(change: ChangeRecord) -> Deltas:
     return contribution(change.old_image, -1, out)
 
 
-def aggregate(changes: Sequence[ChangeRecord], ctx) -> list[list[CounterUpdate] | BaseException]:
-    """Each change's counter updates (an exception for a change with bad order data)."""
+def aggregate(change: ChangeRecord, ctx: Context) -> list[CounterUpdate]:
+    """The change's counter updates (bad order data raises: that change fails alone)."""
     resources = ctx.settings.resources
     tables = {ORDER: resources.order_metrics_table, PRODUCT: resources.product_metrics_table}
-    out: list[list[CounterUpdate] | BaseException] = []
-    for change in changes:
-        try:
-            out.append([CounterUpdate.of(tables[kind], dict(key), nonzero)
-                        for (kind, key), counters in deltas(change).items()
-                        if (nonzero := {attr: value for attr, value in counters.items() if value})])
-        except Exception as exc:  # noqa: BLE001 - bad order data fails only its own change
-            out.append(exc)
-    return out
+    return [CounterUpdate.of(tables[kind], dict(key), nonzero)
+            for (kind, key), counters in deltas(change).items()
+            if (nonzero := {attr: value for attr, value in counters.items() if value})]
 
 
 def not_ttl_delete(change: ChangeRecord) -> bool:
@@ -102,4 +99,4 @@ def not_ttl_delete(change: ChangeRecord) -> bool:
 def routes(resources: Resources) -> list[Route]:
     # Summed per batch and committed with the done-markers: no lock, no call per change.
     return [Route("metrics.aggregates", resources.orders_table, aggregate, when=not_ttl_delete,
-                  idempotency=Idempotency.ATOMIC)]
+                  idempotency=Idempotency.ATOMIC, per_change=True)]

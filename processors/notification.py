@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
@@ -35,6 +35,9 @@ from orders_cdc.errors import DeferredError, error_code, is_throttling
 from orders_cdc.routing import Route, transition
 from orders_cdc.settings import Resources
 from processors import _order
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def _address(order: Mapping[str, Any]) -> str | None:
 
 
 def _sender(build: Callable[[Mapping[str, Any], str], Email], kind: str):
-    def handler(change: ChangeRecord, ctx) -> None:
+    def handler(change: ChangeRecord, ctx: Context) -> None:
         order = change.new_image or {}
         to = _address(order)
         if to is None:

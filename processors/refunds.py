@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord, EventName
@@ -27,6 +27,9 @@ from orders_cdc.routing import Route, transition
 from orders_cdc.settings import Resources
 from processors import _order
 from processors._batch import each, raise_failures
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 MAX_BATCH = 10  # SendMessageBatch limit
 _UPSERTS = frozenset({EventName.INSERT, EventName.MODIFY})
@@ -48,7 +51,7 @@ def refund_request(change: ChangeRecord) -> dict[str, Any]:
     }
 
 
-def request_refunds(changes: Sequence[ChangeRecord], ctx) -> None:
+def request_refunds(changes: Sequence[ChangeRecord], ctx: Context) -> None:
     sqs = ctx.clients.sqs
     url = ctx.clients.queue_url(ctx.settings.resources.refund_queue)
     fifo = url.endswith(".fifo")

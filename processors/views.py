@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
@@ -52,6 +52,9 @@ from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
 from processors._batch import raise_failures
+
+if TYPE_CHECKING:
+    from orders_cdc.app import Context
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +191,7 @@ def _fail(puts: list[_Put], exc: BaseException, failures: dict[int, BaseExceptio
             failures.setdefault(i, exc)
 
 
-def product_orders(changes: Sequence[ChangeRecord], ctx) -> None:
+def product_orders(changes: Sequence[ChangeRecord], ctx: Context) -> None:
     ddb = ctx.clients.dynamodb
     table = ctx.settings.resources.product_orders_table
     failures: dict[int, BaseException] = {}

@@ -24,7 +24,7 @@ from orders_cdc.idempotency import reaction_key
 from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
 from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.local.resources import LocalClients, ResourceNames, create_resources
-from orders_cdc.pipeline import Outcome, Pipeline
+from orders_cdc.pipeline import Outcome, Pipeline, call_handler
 from orders_cdc.retry import RetryPolicy
 from orders_cdc.routing import Router
 from orders_cdc.settings import load
@@ -155,7 +155,7 @@ class Stack:
         route = next(r for r in all_routes(self.settings.resources) if r.name == route_name)
         store = DynamoDbIdempotencyStore(self.ctx.clients.dynamodb, self.names.idempotency_table)
         keys = [reaction_key(route.name, c) for c in changes]
-        return IdempotencyGuard(store).atomic(changes, keys, lambda cs: ({}, route.handler(cs, self.ctx)))
+        return IdempotencyGuard(store).atomic(changes, keys, lambda cs: call_handler(route, cs, self.ctx))
 
     def pipeline(self) -> tuple[Pipeline, InMemoryDeadLetterSink]:
         dlq = InMemoryDeadLetterSink()
