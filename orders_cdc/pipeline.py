@@ -44,7 +44,7 @@ from orders_cdc.breaker import BreakerPolicy, CircuitBreaker, State
 from orders_cdc.change import ChangeRecord, DecodeError, decode_kcl_record
 from orders_cdc.concurrency import Call, CallPool, Pool
 from orders_cdc.deadletter import DeadLetter, DeadLetterSink
-from orders_cdc.errors import DeferredError, FatalProcessingError, PartialBatchFailure, is_retryable
+from orders_cdc.errors import DeferredError, FatalProcessingError, PartialBatchFailure, PermanentError, is_retryable
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.idempotency.keys import images_digest, item_id, reaction_key
@@ -172,8 +172,10 @@ class Pipeline:
                     # any route acts on half a record.
                     change.validate()
                     record.item = item_id(change)
-            except DecodeError as exc:
-                record.dead_letter(exc, attempts=1)
+                    if any(self._guard.mode(r) is not Idempotency.OFF for r in matched):
+                        record.digest  # noqa: B018 - here, where a failure dead-letters this record alone
+            except Exception as exc:  # noqa: BLE001 - whatever one record does, it cannot end the child
+                record.dead_letter(exc if isinstance(exc, DecodeError) else _Unplannable(exc), attempts=1)
                 continue
             if matched:
                 record.routed = {}
@@ -474,6 +476,14 @@ def _result(record: _Record) -> RecordResult:
         if outcome in outcomes:
             return RecordResult(seq, sub, outcome, record.change, None, routes)
     raise AssertionError(f"record {record.index} has no settled outcome: {routes}")
+
+
+class _Unplannable(PermanentError):
+    """A record that decoded but could not be routed or keyed (a predicate or the
+    idempotency digest failed on it): dead-lettered at once, with what went wrong."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(f"cannot be planned: {type(exc).__name__}: {exc}")
 
 
 def _outcome(fn: Callable[[], Any]) -> Any:

@@ -151,7 +151,8 @@ def test_38_digit_number_round_trips_literally():
         ("١٢", "not a number literal"),  # Arabic-Indic digits: Decimal() accepts them, DynamoDB does not
         ("0x10", "not a number literal"),
         ("1E+99999999999999999999999", "outside DynamoDB's range"),  # beyond even Decimal's exponent range
-        ("1" * 5000, "has 5000 significant digits"),
+        ("1" * 5000, "longer than any DynamoDB number"),
+        ("1" * 150, "has 150 significant digits"),
         ("1e", "not a number literal"),
         ("--1", "not a number literal"),
         ("1.2.3", "not a number literal"),
@@ -168,6 +169,18 @@ def test_numbers_rejected(literal, reason):
 def test_number_must_be_a_string(value):
     with pytest.raises(AttributeValueError, match="N value .* is not a number literal"):
         unmarshal({"N": value})
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("literal", ["1" * 110_000 + "x", "1" * 150 + "x", "1." + "1" * 150 + "x", "1" * 190 + "e+"])
+def test_a_long_invalid_number_is_refused_at_once(literal):
+    """The number check is linear: the regex it had backtracked quadratically (8,000 digits
+    and an "x" took 1.5 s; a 110 KB record passed the daemon's 300 s timeout and halted the
+    shard on every restart). The timeout bounds a hang; it measures nothing."""
+    with pytest.raises(AttributeValueError, match="not a number literal|longer than any DynamoDB number"):
+        unmarshal({"N": literal})
+    with pytest.raises(AttributeValueError):
+        unmarshal_map({"a": {"M": {"n": {"N": literal}}}})
 
 
 def test_error_messages_do_not_quote_huge_values():

@@ -90,6 +90,44 @@ def test_decode_error_is_dead_lettered_with_reason_and_the_rest_goes_on():
     assert (letter.shard_id, letter.sequence_number, letter.attempts) == ("shard-0", sequence_number(1), 1)
 
 
+def nested(depth):
+    value = {"S": "leaf"}
+    for _ in range(depth):
+        value = {"M": {"a": value}}
+    return value
+
+
+def test_a_record_that_cannot_be_keyed_or_routed_is_dead_lettered_alone_and_the_rest_goes_on():
+    """Nested 300 levels, an image decodes (Python has no such limit) but orjson cannot
+    serialise it for the idempotency digest (255 levels): that used to end the child on every
+    restart. A predicate that raises on one record is the same: that record alone."""
+    from orders_cdc.idempotency.memory import InMemoryIdempotencyStore
+
+    calls = Calls()
+    dlq = InMemoryDeadLetterSink()
+
+    def picky(change):
+        if change.keys["order_id"] == "o-3":
+            raise KeyError("total")
+        return True
+
+    p = pipeline([Route("all", "Orders", calls.ok, when=picky)], dlq, idempotency=InMemoryIdempotencyStore())
+    import base64
+    import json
+
+    deep = kds_record("INSERT", new={"order_id": "o-1", "status": "pending"}, keys={"order_id": "o-1"})
+    deep["dynamodb"]["NewImage"]["notes"] = nested(200)  # 400 JSON levels
+    records = batch(order("o-0", "pending", event="INSERT"), order("o-2", "pending", event="INSERT"),
+                    order("o-3", "pending", event="INSERT"))
+    records[0] = {**records[0], "data": base64.b64encode(json.dumps(deep).encode()).decode()}  # orjson: 255 levels
+    results = p.process(records, "shard-0")
+    assert [r.outcome for r in results] == [Outcome.DEAD_LETTERED, Outcome.DONE, Outcome.DEAD_LETTERED]
+    assert calls.seen == [["o-2"]]
+    first, third = dlq.letters
+    assert first.record == records[0] and "cannot be planned" in first.reason and first.attempts == 1
+    assert third.record == records[2] and "KeyError" in third.reason
+
+
 def test_retryable_failure_is_retried_until_it_succeeds():
     attempts = []
 
