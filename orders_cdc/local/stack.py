@@ -49,7 +49,7 @@ SECRET_ACCESS_KEY = "test"
 HOST = "127.0.0.1"
 
 # What /proc/<pid>/cmdline of each process we start must contain (PID-reuse guard).
-_CMD_MATCH = {"moto": "moto.server", "localstack": "localstack.runtime.main"}
+_CMD_MATCH = {"moto": "orders_cdc.local.moto_server", "localstack": "localstack.runtime.main"}
 # Services the project takes from moto (boto3 client names).
 MOTO_SERVICES = (
     "dynamodb", "dynamodbstreams", "ses", "sesv2", "sqs", "s3", "firehose", "cloudwatch",
@@ -374,13 +374,14 @@ def exposed_listeners(pids: Iterable[int]) -> list[str] | None:
 
 
 class MotoServer:
-    """`python -m moto.server` on 127.0.0.1; also used by the test suite's fixture."""
+    """moto's server on 127.0.0.1, one request at a time (orders_cdc/local/moto_server.py);
+    also used by the test suite's fixture."""
 
     def __init__(self, root: Path, port: int, python: str = sys.executable) -> None:
         self.port = port
         self.endpoint = f"http://{HOST}:{port}"
         self.process = ManagedProcess(
-            "moto", [python, "-m", "moto.server", "-H", HOST, "-p", str(port)], root, _child_env(),
+            "moto", [python, "-m", "orders_cdc.local.moto_server", "-H", HOST, "-p", str(port)], root, _child_env(),
         )
 
     def start(self) -> None:

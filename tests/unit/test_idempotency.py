@@ -293,3 +293,15 @@ def test_a_commit_to_a_missing_table_is_fatal(table):
     store = DynamoDbIdempotencyStore(client, name, ttl_seconds=3600)
     result = store.commit([("m#1", add("m#1", 1, f"missing-{uuid.uuid4().hex[:8]}"))], NOW)
     assert isinstance(result.failed[0], FatalProcessingError), "never dead-letter every record for a missing table"
+
+
+def test_one_bad_change_in_a_shared_transaction_fails_alone_and_its_neighbours_are_counted(table):
+    """A key DynamoDB refuses (2,100 bytes; the limit is 2,048) cancels the whole group's
+    transaction: the group is retried member by member, so only that change fails."""
+    client, name = table
+    store = DynamoDbIdempotencyStore(client, name, ttl_seconds=3600)
+    bad = [CounterUpdate.of(name, {"id": "p" * 2100}, {"n": Decimal(1)})]
+    result = store.commit([("m#1", add("m#1", 1, name)), ("m#2", bad), ("m#3", add("m#3", 1, name))], NOW)
+    assert sorted(result.done) == [0, 2] and list(result.failed) == [1]
+    assert not is_retryable(result.failed[1]), "dead-lettered, as a bad record"
+    assert store.completed(["m#1", "m#2", "m#3"], NOW) == {"m#1", "m#3"}
