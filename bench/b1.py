@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,8 +166,9 @@ class _Driver:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    def finish(self) -> int:
-        """Close stdin (as the daemon does at the end) and wait for the child to exit."""
+    def finish(self, who: str | None = None) -> None:
+        """Close stdin (as the daemon does at the end) and wait for the child to exit; with
+        `who`, raise ChildFailed unless it exited 0."""
         try:
             self.proc.stdin.close()
         except BrokenPipeError:
@@ -175,7 +176,8 @@ class _Driver:
         code = self.proc.wait(60)
         self.proc.stdout.close()
         self._log.close()
-        return code
+        if who is not None and code != 0:
+            raise ChildFailed(f"{who} child exited {code}; see {self.log_path}")
 
     def kill(self) -> None:
         self.proc.kill()
@@ -211,9 +213,7 @@ def run_child(who: str, mode: str, batches: Batches, tag: str, profile: Path | N
     except BaseException:
         driver.kill()
         raise
-    code = driver.finish()
-    if code != 0:
-        raise ChildFailed(f"{who} child exited {code}; see {driver.log_path}")
+    driver.finish(who)
     calls = orjson.loads(calls_path.read_bytes()) if calls_path.exists() else {}
     return Run(who, mode, batches.size, batches.records, batches.payload_bytes, wall, cpu, rss, driver.checkpoints, calls,
                hwm, rss_now)
@@ -375,6 +375,14 @@ def _frame(text: str) -> tuple[str, str]:
     return fn, file
 
 
+def collapsed(path: Path) -> Iterator[tuple[str, int]]:
+    """(stack, samples) for each line of py-spy's raw (collapsed) output."""
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield stack, int(count)
+
+
 def spy_summary(path: Path, top: int = 15) -> dict[str, Any]:
     """Where our child's CPU goes, from py-spy's samples of every thread holding the GIL."""
     categories: dict[str, int] = {}
@@ -382,11 +390,7 @@ def spy_summary(path: Path, top: int = 15) -> dict[str, Any]:
     handler_parts: dict[str, int] = {}
     leaves: dict[str, int] = {}
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
+    for stack, n in collapsed(path):
         total += n
         frames = [_frame(f) for f in stack.split(";")]
         category = next((name for name, rule in _SPY_RULES if any(rule(fn, file) for fn, file in frames)), "other")
