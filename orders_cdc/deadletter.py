@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from orders_cdc.sqs import json_body
+
 _MAX_REASON = 4096
 
 
@@ -86,9 +88,9 @@ class SqsDeadLetterSink(DeadLetterSink):
         self._delivered.clear()  # everything asked for is durable
 
     def _body(self, letter: DeadLetter) -> str:
-        body = letter.to_json().decode()
+        body = json_body(letter.to_json())
         if len(body.encode()) > self._max_bytes:
-            body = letter.to_json(without_data=True).decode()
+            body = json_body(letter.to_json(without_data=True))
         return body
 
     def _chunks(self, pending: list[tuple[DeadLetter, str]]) -> Iterator[list[tuple[DeadLetter, str]]]:

@@ -25,6 +25,7 @@ from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.errors import PermanentError, RetryableError
 from orders_cdc.routing import Route, transition
 from orders_cdc.settings import Resources
+from orders_cdc.sqs import json_body
 from processors import _order
 from processors._batch import each, raise_failures
 
@@ -62,7 +63,7 @@ def request_refunds(changes: Sequence[ChangeRecord], ctx: Context) -> None:
         chunk = indices[start : start + MAX_BATCH]
         entries = []
         for i in chunk:
-            entry = {"Id": str(i), "MessageBody": dumps_exact(requests[i]).decode()}
+            entry = {"Id": str(i), "MessageBody": json_body(dumps_exact(requests[i]))}
             if fifo:
                 entry["MessageGroupId"] = requests[i]["order_id"]
                 entry["MessageDeduplicationId"] = hashlib.sha256(requests[i]["dedup_key"].encode()).hexdigest()

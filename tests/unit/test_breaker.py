@@ -307,3 +307,21 @@ def test_a_hung_handler_thread_does_not_keep_the_child_alive():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert (proc.returncode, proc.stdout.strip()) == (0, b"timed out")
+
+
+def test_characters_sqs_refuses_are_escaped_and_the_letter_still_decodes_to_the_same_record():
+    import orjson
+
+    from orders_cdc.deadletter import SqsDeadLetterSink
+    from orders_cdc.sqs import json_body
+
+    sqs = FakeSqs()
+    odd = letter(1, data="eA==")
+    odd = type(odd)(**{**{f: getattr(odd, f) for f in odd.__dataclass_fields__},
+                       "record": {"data": "eA==", "sequenceNumber": "1", "partitionKey": "k\uffff\ufffe"},
+                       "reason": "attribute 'n\uffff' is not a number"})
+    SqsDeadLetterSink(sqs, "url").send([odd])
+    [body] = sqs.bodies
+    assert "\uffff" not in body and "\ufffe" not in body and "\\uffff" in body
+    assert orjson.loads(body)["record"]["partitionKey"] == "k\uffff\ufffe", "the same record, escaped on the wire"
+    assert json_body("é ✓ 😀 \t\n".encode()) == "é ✓ 😀 \t\n", "what SQS accepts is left as it is"
