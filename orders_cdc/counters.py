@@ -20,7 +20,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from orders_cdc.attrvalue import marshal
-from orders_cdc.errors import PermanentError, RetryableError
+from orders_cdc.errors import PermanentError, RetryableError, error_code
 
 MAX_TRANSACTION_ITEMS = 100  # TransactWriteItems limit
 # Exact arithmetic in DynamoDB's 38 significant digits: anything inexact raises (also used by
@@ -118,8 +118,7 @@ def update_action(update: CounterUpdate) -> dict[str, Any]:
 def transaction_error(exc: ClientError) -> BaseException:
     """A cancelled transaction as a domain error (the caller has already taken out the
     cancellations it understands, such as a marker that exists)."""
-    code = exc.response.get("Error", {}).get("Code")
-    if code == "TransactionCanceledException":
+    if error_code(exc) == "TransactionCanceledException":
         reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])} - {"None", None}
         if reasons & _RETRYABLE_REASONS or not reasons:
             return RetryableError(f"transaction cancelled ({', '.join(sorted(reasons)) or 'no reason'})")

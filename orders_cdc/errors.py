@@ -8,6 +8,7 @@ and never acknowledges a record it has neither done nor dead-lettered.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 
 from botocore.exceptions import (
     ClientError,
@@ -61,7 +62,17 @@ class FatalProcessingError(Exception):
     without acknowledging, so the worker restarts from the last checkpoint."""
 
 
-_RETRYABLE_CODES = frozenset(
+class Failure(StrEnum):
+    """What a failure says, and so what happens next (`classify`; see retry.decide)."""
+
+    DEFERRED = "deferred"  # held elsewhere, or back-pressure: wait, spend no attempt
+    TRANSIENT = "transient"  # an outage's errors (throttling, 5xx, timeouts, connections): retry
+    REFUSED = "refused"  # the route cannot work now, whatever the record: hold the route, never dead-letter
+    PERMANENT = "permanent"  # this record is bad: dead-letter it now
+    UNKNOWN = "unknown"  # an exception nothing places (maybe a bug this record triggers): retry, bounded
+
+
+_TRANSIENT_CODES = frozenset(
     {
         "ThrottlingException",
         "Throttling",
@@ -81,8 +92,22 @@ _RETRYABLE_CODES = frozenset(
         "RequestTimeoutException",
     }
 )
-
-
+# No record can fix these: the account, the credentials, the permissions or a resource is
+# wrong or missing. Dead-lettering on them would empty a healthy stream into the DLQ.
+REFUSAL_CODES = frozenset(
+    {
+        "AccessDenied", "AccessDeniedException", "UnauthorizedOperation",
+        "UnrecognizedClientException", "InvalidClientTokenId", "InvalidSignatureException", "SignatureDoesNotMatch",
+        "MissingAuthenticationTokenException", "IncompleteSignature", "ExpiredToken", "ExpiredTokenException",
+        "RequestExpired", "OptInRequired",
+        "ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
+        "AccountSendingPausedException", "ConfigurationSetSendingPausedException",
+        "ConfigurationSetDoesNotExistException", "MailFromDomainNotVerifiedException",
+        "KMSAccessDeniedException", "KMSDisabledException", "KMSInvalidStateException", "KMSNotFoundException",
+        "InvalidKMSResourceException",
+    }
+)
+_CONNECTION_ERRORS = (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError, TimeoutError, ConnectionError)
 _THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "ThrottledException", "TooManyRequestsException"})
 
 
@@ -93,42 +118,53 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+def request_id(exc: BaseException) -> str:
+    """The AWS request id of a ClientError, for logs ("" for anything else)."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("RequestId", "") or ""
+    return ""
+
+
 def is_throttling(exc: BaseException) -> bool:
     """The service asks us to slow down: a rate, not a failure of this record or route."""
     return error_code(exc) in _THROTTLING_CODES
 
 
-def _client_error_is_transient(exc: ClientError) -> bool:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return error_code(exc) in _RETRYABLE_CODES or status >= 500 or status == 429
+def classify(exc: BaseException) -> Failure:
+    """The one place a failure is sorted: by our exceptions' types, AWS error codes and
+    HTTP status, and the connection errors botocore raises."""
+    from orders_cdc.change import DecodeError  # local import: keeps errors.py importable from anywhere
+
+    if isinstance(exc, DeferredError):
+        return Failure.DEFERRED
+    if isinstance(exc, RetryableError):
+        return Failure.TRANSIENT
+    if isinstance(exc, PermanentError):
+        return Failure.PERMANENT
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return Failure.TRANSIENT
+        if code in REFUSAL_CODES or status in (401, 403):
+            return Failure.REFUSED
+        return Failure.PERMANENT  # a 4xx about the request: this record's data
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return Failure.TRANSIENT
+    if isinstance(exc, (DecodeError, ValueError, TypeError)):
+        return Failure.PERMANENT
+    return Failure.UNKNOWN
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for the failures an outage produces (throttling, 5xx, connection errors,
-    timeouts, RetryableError): evidence about the downstream, not about the record. The
-    circuit breaker holds such a record instead of dead-lettering it while the downstream
-    has not shown that it works. An unknown exception is retryable but not transient:
-    it may be a bug this record triggers."""
-    if isinstance(exc, RetryableError):
-        return True
-    if isinstance(exc, ClientError):
-        return _client_error_is_transient(exc)
-    return isinstance(exc, (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError, TimeoutError, ConnectionError))
+    """Evidence about the downstream, not about the record (an outage, a refusal, a hold):
+    the circuit breaker holds such a record instead of dead-lettering it while the route has
+    not shown that it works. An unknown exception is retryable but not transient: it may be
+    a bug this record triggers."""
+    return classify(exc) in (Failure.DEFERRED, Failure.TRANSIENT, Failure.REFUSED)
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """True when retrying may succeed. Unknown exceptions count as retryable: the
-    attempt bound still sends a persistent bug to the dead-letter queue."""
-    if isinstance(exc, RetryableError):
-        return True
-    if isinstance(exc, PermanentError):
-        return False
-    if isinstance(exc, ClientError):
-        return _client_error_is_transient(exc)
-    if isinstance(exc, (BotoConnectionError, ConnectTimeoutError, ReadTimeoutError, TimeoutError, OSError)):
-        return True
-    from orders_cdc.change import DecodeError  # local import: keeps errors.py importable from anywhere
-
-    if isinstance(exc, (DecodeError, ValueError, TypeError)):
-        return False
-    return True
+    """True when retrying may succeed. Unknown exceptions count as retryable: the attempt
+    bound still sends a persistent bug to the dead-letter queue."""
+    return classify(exc) is not Failure.PERMANENT

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError
 
-from orders_cdc.errors import SettingsError
+from orders_cdc.errors import SettingsError, error_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ def read_leases(dynamodb, table: str) -> list[Lease]:
         try:
             page = dynamodb.scan(**kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+            if error_code(exc) == "ResourceNotFoundException":
                 raise SettingsError(f"lease table {table!r} not found: has the consumer ever run?") from None
             raise
         for item in page["Items"]:
@@ -76,7 +76,7 @@ def reset_to_timestamp(dynamodb, table: str, leases: list[Lease]) -> None:
                                            ":counter": {"N": str(lease.counter)}},
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            if error_code(exc) == "ConditionalCheckFailedException":
                 raise SettingsError(f"lease {lease.shard_id} changed while resetting it: stop every worker first") from None
             raise
 

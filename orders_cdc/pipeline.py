@@ -44,7 +44,9 @@ from orders_cdc.breaker import BreakerPolicy, CircuitBreaker, State
 from orders_cdc.change import ChangeRecord, DecodeError, decode_kcl_record
 from orders_cdc.concurrency import Call, CallPool, Pool
 from orders_cdc.deadletter import DeadLetter, DeadLetterSink
-from orders_cdc.errors import DeferredError, FatalProcessingError, PartialBatchFailure, PermanentError, is_retryable
+from orders_cdc.errors import (
+    DeferredError, FatalProcessingError, PartialBatchFailure, PermanentError, error_code, is_retryable,
+)
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.idempotency.keys import images_digest, item_id, reaction_key
@@ -346,7 +348,8 @@ class Pipeline:
             task.record.dead_letter(exc, decision.attempts, task.route.name)
             return
         if decision.verdict is Verdict.TRIP:
-            breaker.trip(f"record {task.record.ident} out of attempts, route not working")
+            if breaker.state is not State.OPEN:  # once per round, not once per change refused
+                breaker.trip(f"{error_code(exc) or type(exc).__name__}: route not working (record {task.record.ident})")
             task.not_before = breaker.ready_at
             return
         task.not_before = decision.at

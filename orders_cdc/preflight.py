@@ -7,7 +7,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from orders_cdc.errors import SettingsError
+from orders_cdc.errors import SettingsError, error_code
 from orders_cdc.settings import Settings
 
 _QUICK = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=5)
@@ -25,7 +25,7 @@ def preflight(settings: Settings, stream_name: str, lease_table: str) -> None:
     except EndpointConnectionError:
         raise SettingsError(f"cannot reach Kinesis at {where}") from None
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code")
+        code = error_code(exc)
         if code == "ResourceNotFoundException":
             raise SettingsError(f"stream {stream_name!r} not found at {where}") from None
         raise SettingsError(f"Kinesis at {where} refused DescribeStreamSummary: {code}") from None
@@ -37,7 +37,7 @@ def preflight(settings: Settings, stream_name: str, lease_table: str) -> None:
     except EndpointConnectionError:
         raise SettingsError(f"cannot reach DynamoDB (lease table) at {where}") from None
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code")
+        code = error_code(exc)
         if code != "ResourceNotFoundException":  # the daemon creates its lease table
             raise SettingsError(f"DynamoDB at {where} refused DescribeTable: {code}") from None
         return

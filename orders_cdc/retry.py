@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
-from orders_cdc.errors import DeferredError, is_retryable, is_transient
+from orders_cdc.errors import DeferredError, Failure, classify, is_retryable, is_transient
 
 MIN_WAIT = 0.01  # never spin on a clock that has not moved
 
@@ -35,7 +35,7 @@ class Verdict(StrEnum):
     RETRY = "retry"  # try again at `at`; one attempt spent
     WAIT = "wait"  # held elsewhere or back-pressure (DeferredError): again at `at`, no attempt spent
     HOLD = "hold"  # the route is down (its circuit is not closed): again at the probe, no attempt spent
-    TRIP = "trip"  # out of attempts on an outage's errors while the route has not worked: open the circuit, hold
+    TRIP = "trip"  # a refusal, or out of attempts on an outage's errors while the route has not worked: open the circuit, hold
     DEAD_LETTER = "dead_letter"
 
 
@@ -51,11 +51,16 @@ def decide(policy: RetryPolicy, exc: BaseException, *, attempts: int, now: float
            rand: random.Random | None = None) -> Decision:
     """What happens next to one change after `exc`, given how often it was tried, how old
     it is and what its route's circuit breaker knows. Pure: the caller applies it."""
-    if isinstance(exc, DeferredError):
-        until = exc.until if exc.until is not None else now + policy.backoff(1, rand)
+    kind = classify(exc)
+    if kind is Failure.DEFERRED:
+        until = exc.until if isinstance(exc, DeferredError) and exc.until is not None else now + policy.backoff(1, rand)
         return Decision(Verdict.WAIT, attempts, max(until, now + MIN_WAIT))
-    if not is_retryable(exc):
+    if kind is Failure.PERMANENT:
         return Decision(Verdict.DEAD_LETTER, max(1, attempts + 1))
+    if kind is Failure.REFUSED:
+        # The account, a permission or a resource: no record is at fault and none can fix
+        # it. Hold the route and probe it; never dead-letter.
+        return Decision(Verdict.TRIP, attempts)
     if not circuit_closed:
         # This call opened the circuit, or was a failed probe: an outage, not this record.
         return Decision(Verdict.HOLD, attempts, probe_at)

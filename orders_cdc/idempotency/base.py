@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from orders_cdc.counters import CounterUpdate, TooManyCounters, groups, items_of, merge
-from orders_cdc.errors import FatalProcessingError, is_retryable
+from orders_cdc.errors import FatalProcessingError, Failure, classify
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError, IdempotencyInProgressError
 
 
@@ -139,7 +139,7 @@ class IdempotencyStore(ABC):
                            for i in members]
                 existing = self._transact(markers, updates, now)
             except Exception as exc:  # noqa: BLE001 - classified per change by the pipeline
-                if len(members) > 1 and not is_retryable(exc):
+                if len(members) > 1 and classify(exc) is Failure.PERMANENT:
                     # One change's bad value (a key too long, a number DynamoDB refuses)
                     # cancels the whole group: find it, so that only it is dead-lettered.
                     for i in members:

@@ -23,18 +23,13 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from orders_cdc.counters import MAX_TRANSACTION_ITEMS, CounterUpdate, transaction_error, update_action
-from orders_cdc.errors import is_retryable
+from orders_cdc.errors import Failure, classify, error_code, is_retryable
 from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore, Status
 from orders_cdc.idempotency.exceptions import IdempotencyStoreConfigError, IdempotencyStoreUnavailableError
 
 MAX_GET = 100  # BatchGetItem
 MAX_WRITE = 25  # BatchWriteItem
 _UNPROCESSED_ATTEMPTS = 5
-# Nothing about one record can fix these: the table, the credentials or our request is wrong.
-_CONFIG_CODES = frozenset({
-    "ResourceNotFoundException", "AccessDeniedException", "UnrecognizedClientException",
-    "ValidationException", "InvalidSignatureException", "MissingAuthenticationTokenException",
-})
 _ABSENT = "attribute_not_exists(#id) OR expires_at < :now"
 _FREE = (
     "attribute_not_exists(#id) OR expires_at < :now"
@@ -42,9 +37,15 @@ _FREE = (
 )
 
 
+def _misconfigured(exc: ClientError) -> bool:
+    """The table, the credentials or our own request is wrong: nothing about one record can
+    fix it, and without the store no record can be handled safely."""
+    return classify(exc) is Failure.REFUSED or error_code(exc) == "ValidationException"
+
+
 def mapped(exc: ClientError, what: str) -> Exception:
-    code = exc.response.get("Error", {}).get("Code", "")
-    if code in _CONFIG_CODES:
+    code = error_code(exc)
+    if _misconfigured(exc):
         return IdempotencyStoreConfigError(f"{what}: {code}: {exc}")
     if is_retryable(exc):
         return IdempotencyStoreUnavailableError(f"{what}: {code}")
@@ -112,7 +113,7 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if error_code(exc) != "ConditionalCheckFailedException":
                 raise mapped(exc, "PutItem") from exc
             item = exc.response.get("Item") or self._get_one(record.key)
             # Deleted in between: report it as a lock that is free now (try again at once).
@@ -148,9 +149,9 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
         except ClientError as exc:
             reasons = exc.response.get("CancellationReasons") or []
             codes = [r.get("Code") for r in reasons]
-            if (exc.response.get("Error", {}).get("Code") != "TransactionCanceledException" or len(reasons) != len(records)
+            if (error_code(exc) != "TransactionCanceledException" or len(reasons) != len(records)
                     or any(c not in (None, "None", "ConditionalCheckFailed") for c in codes)):
-                if exc.response.get("Error", {}).get("Code") in _CONFIG_CODES:
+                if _misconfigured(exc):
                     raise mapped(exc, "TransactWriteItems") from exc
                 raise transaction_error(exc) from exc
             refused = {}
@@ -187,8 +188,7 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
             existing = _markers_in_the_way(exc, markers, len(updates))
             if existing:
                 return existing
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in _CONFIG_CODES - {"ValidationException"}:  # a bad number in one change is not fatal
+            if classify(exc) is Failure.REFUSED:  # a bad number in one change (ValidationException) is not fatal
                 raise mapped(exc, "TransactWriteItems") from exc
             raise transaction_error(exc) from exc
         return set()
@@ -196,7 +196,7 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
 
 def _markers_in_the_way(exc: ClientError, markers: Sequence[IdempotencyRecord], n_updates: int) -> set[str]:
     """The keys of the markers that cancelled the transaction, if nothing else did."""
-    if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+    if error_code(exc) != "TransactionCanceledException":
         return set()
     reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
     if len(reasons) != n_updates + len(markers) or any(r not in (None, "None") for r in reasons[:n_updates]):

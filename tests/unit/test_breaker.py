@@ -11,7 +11,10 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from orders_cdc.breaker import BreakerPolicy, CircuitBreaker, State
 from orders_cdc.concurrency import CallPool, InlinePool
 from orders_cdc.deadletter import InMemoryDeadLetterSink
-from orders_cdc.errors import FatalProcessingError, HandlerTimeout, PartialBatchFailure, SettingsError
+from orders_cdc.errors import (
+    DeferredError, FatalProcessingError, HandlerTimeout, PartialBatchFailure, PermanentError, RetryableError, SettingsError,
+    classify, is_retryable,
+)
 from orders_cdc.idempotency.memory import InMemoryIdempotencyStore
 from orders_cdc.pipeline import Outcome, Pipeline
 from orders_cdc.retry import RetryPolicy
@@ -325,3 +328,68 @@ def test_characters_sqs_refuses_are_escaped_and_the_letter_still_decodes_to_the_
     assert "\uffff" not in body and "\ufffe" not in body and "\\uffff" in body
     assert orjson.loads(body)["record"]["partitionKey"] == "k\uffff\ufffe", "the same record, escaped on the wire"
     assert json_body("é ✓ 😀 \t\n".encode()) == "é ✓ 😀 \t\n", "what SQS accepts is left as it is"
+
+
+def refusal(code, status=400):
+    return ClientError({"Error": {"Code": code, "Message": "refused"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "SendEmail")
+
+
+@pytest.mark.parametrize("error", [refusal("AccountSendingPausedException"), refusal("AccessDeniedException"),
+                                   refusal("AWS.SimpleQueueService.NonExistentQueue"), refusal("Anything", 403)])
+def test_a_refusal_no_record_can_fix_holds_the_route_and_dead_letters_nothing(error):
+    """An account paused, a permission or a queue missing: 20 records used to be dead-lettered
+    in one pass. Now the route is held (probed) until it works again, spending no attempts."""
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+    refused_until = clock.now + 20
+    sent = []
+
+    def ses(change, ctx):
+        if clock() < refused_until:
+            raise error
+        sent.append(change.keys["order_id"])
+
+    p = Pipeline(router=Router([Route("email", "Orders", ses, per_change=True)]), ctx=None, dead_letters=dlq,
+                 retry=RetryPolicy(max_attempts=2), sleep=clock.sleep, clock=clock, pool=InlinePool(),
+                 idempotency=InMemoryIdempotencyStore())
+    results = p.process(records(20), "s")
+    assert dlq.letters == [] and {r.outcome for r in results} == {Outcome.DONE}
+    assert sorted(sent) == sorted(f"o-{n}" for n in range(1, 21))
+
+
+def test_a_refusal_that_lasts_ends_the_batch_unacknowledged_not_in_the_dead_letter_queue():
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+
+    def ses(change, ctx):
+        raise refusal("AccountSendingPausedException")
+
+    p = Pipeline(router=Router([Route("email", "Orders", ses, per_change=True)]), ctx=None, dead_letters=dlq,
+                 retry=RetryPolicy(max_attempts=2), sleep=clock.sleep, clock=clock, pool=InlinePool(),
+                 idempotency=InMemoryIdempotencyStore(), batch_deadline_seconds=120)
+    with pytest.raises(FatalProcessingError, match="20 record"):
+        p.process(records(20), "s")
+    assert dlq.letters == []
+    assert p.breaker_for(Route("email", "Orders", ses)).state is not State.CLOSED
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (refusal("ThrottlingException"), "transient"),
+    (refusal("InternalFailure", 500), "transient"),
+    (refusal("Whatever", 503), "transient"),
+    (refusal("AccountSendingPausedException"), "refused"),
+    (refusal("ResourceNotFoundException"), "refused"),
+    (refusal("UnrecognizedClientException"), "refused"),
+    (refusal("Whatever", 403), "refused"),
+    (refusal("MessageRejected"), "permanent"),
+    (refusal("ValidationException"), "permanent"),
+    (EndpointConnectionError(endpoint_url="https://email"), "transient"),
+    (KeyError("x"), "unknown"),
+    (ValueError("x"), "permanent"),
+    (PermanentError("x"), "permanent"),
+    (RetryableError("x"), "transient"),
+    (HandlerTimeout("x"), "transient"),
+    (DeferredError("x"), "deferred"),
+])
+def test_one_classifier_sorts_every_failure(exc, expected):
+    assert classify(exc).value == expected
+    assert is_retryable(exc) is (expected != "permanent")
