@@ -31,6 +31,14 @@ def preflight(settings: Settings, stream_name: str, lease_table: str) -> None:
         raise SettingsError(f"Kinesis at {where} refused DescribeStreamSummary: {code}") from None
     if summary["StreamStatus"] not in ("ACTIVE", "UPDATING"):
         raise SettingsError(f"stream {stream_name!r} is {summary['StreamStatus']}, not ACTIVE")
+    retention = int(summary.get("RetentionPeriodHours") or 24) * 3600
+    if settings.idempotency_ttl_seconds < retention:
+        # A change redelivered (or replayed) after its done-marker expired is done again:
+        # a second email, inventory counted twice.
+        raise SettingsError(
+            f"ORDERS_CDC_IDEMPOTENCY_TTL_SECONDS={settings.idempotency_ttl_seconds} is shorter than the stream's"
+            f" retention ({retention} s): redelivered changes would be done twice"
+        )
     where = settings.endpoint("dynamodb") or f"DynamoDB in {settings.region}"
     try:
         dynamodb.describe_table(TableName=lease_table)

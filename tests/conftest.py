@@ -12,7 +12,7 @@ from orders_cdc.local.stack import MotoServer, free_port
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `moto.server` on 127.0.0.1 and a free port, for the whole session; yields its URL.
+    """A real moto server (orders_cdc.local.moto_server) on 127.0.0.1 and a free port, for the whole session; yields its URL.
 
     Its log is <tmp>/moto-server/logs/moto.log. Stopped by PID (its own process group).
     Tests share it: use unique resource names (e.g. a uuid suffix).

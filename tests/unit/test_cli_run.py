@@ -61,3 +61,15 @@ def test_help_lists_the_commands():
     assert out.returncode == 0
     for command in (b"run", b"decode", b"local"):
         assert command in out.stdout
+
+
+def test_an_idempotency_ttl_shorter_than_the_streams_retention_is_refused(aws_env, tmp_path):
+    """A redelivery after the done-marker expired would email and count again."""
+    stream = f"s-{uuid.uuid4().hex[:6]}"
+    kinesis = boto3.client("kinesis", endpoint_url=aws_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                           aws_access_key_id="test", aws_secret_access_key="test")
+    kinesis.create_stream(StreamName=stream, ShardCount=1)
+    line = one_line(run_cli([], {**aws_env, "ORDERS_CDC_STREAM": stream, "ORDERS_CDC_IDEMPOTENCY_TTL_SECONDS": "3600"},
+                            tmp_path))
+    assert line == ("orders-cdc: ORDERS_CDC_IDEMPOTENCY_TTL_SECONDS=3600 is shorter than the stream's retention"
+                    " (86400 s): redelivered changes would be done twice")
