@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orders_cdc.errors import DeferredError, FatalProcessingError, HandlerTimeout
+from orders_cdc.errors import DeferredError, FatalProcessingError, HandlerTimeout, describe
 
 log = logging.getLogger(__name__)
 
@@ -168,4 +168,4 @@ class CallPool(Pool):
             try:
                 late(result)
             except Exception as exc:  # noqa: BLE001 - nothing is waiting for it any more
-                log.error("late completion of a timed-out call not recorded", extra={"error": repr(exc)})
+                log.error("late completion of a timed-out call not recorded", extra={"error": describe(exc)})

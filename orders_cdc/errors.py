@@ -7,6 +7,7 @@ and never acknowledges a record it has neither done nor dead-lettered.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 
@@ -123,6 +124,27 @@ def request_id(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return exc.response.get("ResponseMetadata", {}).get("RequestId", "") or ""
     return ""
+
+
+# An email address anywhere in an error's text (SES puts the recipient in MessageRejected and
+# verification errors). Logs and dead-letter reasons carry none: the letter's record keeps
+# the data, its reason does not repeat it.
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+def redact(text: str) -> str:
+    return _EMAIL.sub("<email>", text)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs and dead-letter reasons, with no customer data: an AWS error as
+    operation, code, request id and its message redacted; anything else as its text
+    redacted (or its type, when it has none)."""
+    if isinstance(exc, ClientError):
+        message = redact(exc.response.get("Error", {}).get("Message", "") or "")
+        rid = request_id(exc)
+        return f"{exc.operation_name}: {error_code(exc)}{f' (request {rid})' if rid else ''}: {message}".rstrip(": ")
+    return redact(str(exc)) or type(exc).__name__
 
 
 def is_throttling(exc: BaseException) -> bool:

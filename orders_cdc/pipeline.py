@@ -45,7 +45,7 @@ from orders_cdc.change import ChangeRecord, DecodeError, decode_kcl_record
 from orders_cdc.concurrency import Call, CallPool, Pool
 from orders_cdc.deadletter import DeadLetter, DeadLetterSink
 from orders_cdc.errors import (
-    DeferredError, FatalProcessingError, PartialBatchFailure, PermanentError, error_code, is_retryable,
+    DeferredError, FatalProcessingError, PartialBatchFailure, PermanentError, describe, error_code, is_retryable,
 )
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
@@ -327,7 +327,7 @@ class Pipeline:
         if result.failed:
             first = next(iter(result.failed.values()))
             log.warning("changes failed", extra={"shard": self._shard, "route": route.name, "failed": len(result.failed), "of": len(tasks),
-                                                 "error": repr(first), "circuit": breaker.state.value})
+                                                 "error": describe(first), "circuit": breaker.state.value})
 
     def _failed(self, task: _Task, exc: BaseException) -> None:
         if isinstance(exc, FatalProcessingError):
@@ -375,7 +375,7 @@ class Pipeline:
             try:
                 self.dead_letters.send(letters)
             except Exception as exc:  # noqa: BLE001
-                log.error("dead-letter write failed", extra={"attempt": attempt, "error": repr(exc)})
+                log.error("dead-letter write failed", extra={"attempt": attempt, "error": describe(exc)})
                 if attempt == self.dead_letter_attempts:
                     raise FatalProcessingError(
                         f"{len(letters)} record(s) could not be dead-lettered: {exc!r}"
@@ -497,4 +497,4 @@ def _outcome(fn: Callable[[], Any]) -> Any:
 
 
 def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    return describe(exc)

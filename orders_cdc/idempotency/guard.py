@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from orders_cdc.change import ChangeRecord
-from orders_cdc.errors import DeferredError, FatalProcessingError, HandlerTimeout, PermanentError, is_transient
+from orders_cdc.errors import DeferredError, FatalProcessingError, HandlerTimeout, PermanentError, describe, is_transient
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError
 from orders_cdc.routing import Idempotency, Route
@@ -100,7 +100,7 @@ class IdempotencyGuard:
         except FatalProcessingError:
             raise
         except Exception as exc:  # noqa: BLE001 - the lease expires anyway, and we may re-take our own lock
-            log.warning("could not release idempotency locks", extra={"locks": len(release), "error": repr(exc)})
+            log.warning("could not release idempotency locks", extra={"locks": len(release), "error": describe(exc)})
 
     def late(self, done: Sequence[str]) -> None:
         """A timed-out call finished after all: record what it did (best effort, once)."""
@@ -144,6 +144,6 @@ def durably(what: str, fn: Callable[[], T], sleep: Callable[[float], None], atte
         except Exception as exc:  # noqa: BLE001
             if attempt == attempts or not is_transient(exc):
                 raise FatalProcessingError(f"could not {what}: {exc!r}") from exc
-            log.warning("store call failed, retrying", extra={"what": what, "attempt": attempt, "error": repr(exc)})
+            log.warning("store call failed, retrying", extra={"what": what, "attempt": attempt, "error": describe(exc)})
             sleep(min(5.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")

@@ -393,3 +393,34 @@ def test_a_refusal_that_lasts_ends_the_batch_unacknowledged_not_in_the_dead_lett
 def test_one_classifier_sorts_every_failure(exc, expected):
     assert classify(exc).value == expected
     assert is_retryable(exc) is (expected != "permanent")
+
+
+SES_TEXTS = [  # what SES says, recipient and all
+    ("MessageRejected", "Email address is not verified. The following identities failed the check in region "
+                        "US-EAST-1: ann.o'neil+orders@example.co.uk"),
+    ("MessageRejected", "Illegal address: nobody@"),
+    ("InvalidParameterValue", "Missing final '@domain' in bob.smith@mail.example.com>"),
+]
+
+
+@pytest.mark.parametrize(("code", "text"), SES_TEXTS)
+def test_no_email_address_reaches_the_logs_or_the_dead_letter_reason(code, text, caplog):
+    import logging
+
+    clock, dlq = FakeClock(), InMemoryDeadLetterSink()
+
+    def ses(change, ctx):
+        raise ClientError({"Error": {"Code": code, "Message": text},
+                           "ResponseMetadata": {"HTTPStatusCode": 400, "RequestId": "req-1"}}, "SendEmail")
+
+    p = Pipeline(router=Router([Route("email", "Orders", ses, per_change=True)]), ctx=None, dead_letters=dlq,
+                 sleep=clock.sleep, clock=clock, pool=InlinePool(), idempotency=InMemoryIdempotencyStore())
+    with caplog.at_level(logging.DEBUG):
+        [result] = p.process(records(1), "s")
+    assert result.outcome is Outcome.DEAD_LETTERED
+    [letter] = dlq.letters
+    assert letter.reason.startswith(f"SendEmail: {code} (request req-1): ")
+    logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    for leaked in ("ann.o'neil", "+orders@example.co.uk", "bob.smith@mail.example.com"):
+        assert leaked not in letter.reason and leaked not in logged
+    assert "req-1" in logged, "the request id is logged instead"
