@@ -13,8 +13,8 @@ of a round, and a call gets them in stream order; a `per_change` route gets one 
 per call, so one item's changes on it run one after the other, round by round.
 - Idempotency (route.idempotency; see idempotency/guard.py): already-COMPLETED reactions
   are found with one BatchGetItem per 100 keys and become DUPLICATE without a call. The
-  round's PER_CHANGE locks are taken together before its calls, and its markers written
-  together after them.
+  round's PER_CHANGE locks are taken together before its calls; done-markers are written
+  25 at a time as the calls finish, the last ones before the round settles.
 - Per-key fail-fast: a task that failed holds the later tasks of the same item on the
   same route (their order matters); other items go on.
 - Each call has a deadline (a hung call is a retryable failure; see concurrency.py).
@@ -248,7 +248,7 @@ class Pipeline:
             last = results.pop()
             results += last if isinstance(last, list) else [last] * len(atomic)
         outcomes = [(unit, self._result_of(unit, result)) for unit, result in zip(units, results)]
-        self._finish(outcomes, failed)
+        self._finish(outcomes)
         for task, exc in failed:
             self._failed(task, exc)
         for unit, result in outcomes:
@@ -283,15 +283,17 @@ class Pipeline:
             keys = [t.key for t in unit.tasks]
             return Call(lambda: self._guard.atomic(changes, keys, lambda cs: call_handler(route, cs, self.ctx)))
 
+        per_change = self._guard.mode(route) is Idempotency.PER_CHANGE
+        keys = [t.key for t in unit.tasks]
+
         def run() -> CallResult:
             failures, _ = call_handler(route, changes, self.ctx)
-            return CallResult(done=[j for j in range(len(changes)) if j not in failures], failed=failures)
+            done = [j for j in range(len(changes)) if j not in failures]
+            if per_change:
+                self._guard.done([keys[j] for j in done])
+            return CallResult(done=done, failed=failures)
 
-        on_late = None
-        if self._guard.mode(route) is Idempotency.PER_CHANGE:
-            keys = [t.key for t in unit.tasks]
-            on_late = lambda result: self._guard.late([keys[j] for j in getattr(result, "done", ())])  # noqa: E731
-        return Call(run, on_late)
+        return Call(run, (lambda _: self._guard.late()) if per_change else None)
 
     def _result_of(self, unit: _Unit, result: Any) -> CallResult:
         if isinstance(result, FatalProcessingError):
@@ -300,15 +302,15 @@ class Pipeline:
             return CallResult(failed={j: result for j in range(len(unit.tasks))})
         return result
 
-    def _finish(self, outcomes: list[tuple[_Unit, CallResult]], refused: list[tuple[_Task, BaseException]]) -> None:
-        """The round's PER_CHANGE markers (durable before anything settles) and releases."""
-        done, failed = [], {}
+    def _finish(self, outcomes: list[tuple[_Unit, CallResult]]) -> None:
+        """The round's last PER_CHANGE markers (durable before anything settles) and releases."""
+        failed, per_change = {}, False
         for unit, result in outcomes:
             if self._guard.mode(unit.route) is Idempotency.PER_CHANGE:
-                done += [unit.tasks[j].key for j in result.done]
+                per_change = True
                 failed.update({unit.tasks[j].key: exc for j, exc in result.failed.items()})
-        if done or failed:
-            self._guard.finish(done, failed)
+        if per_change:
+            self._guard.finish(failed)
 
     def _settle(self, unit: _Unit, result: CallResult) -> None:
         route, tasks = unit.route, unit.tasks

@@ -22,6 +22,7 @@ whose marker could still be lost; if they cannot be written the child exits (Fat
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from orders_cdc.routing import Idempotency, Route
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MARKERS_PER_CALL = 25  # BatchWriteItem
 
 # The handler call: changes -> ({index in that list: exception}, what the handler returned);
 # an index left out of the exceptions is done (ATOMIC: computed, to be committed).
@@ -56,6 +58,11 @@ class IdempotencyGuard:
     # Keys whose handler call timed out: the abandoned call may still be running, so the
     # lock is kept (not released) and the key not retried before its lease ends.
     _hung: dict[str, float] = field(default_factory=dict)
+    # Done-markers not yet written: calls add theirs as they finish (from pool threads), and
+    # every full BatchWriteItem's worth is written at once, so a crash re-does at most the
+    # reactions of the last few calls, not of the whole round.
+    _unmarked: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def mode(self, route: Route) -> Idempotency:
         return route.idempotency if self.store is not None else Idempotency.OFF
@@ -85,10 +92,28 @@ class IdempotencyGuard:
                 failed[key] = exc
         return {k for k in todo if k not in refused}, duplicate, failed
 
-    def finish(self, done: Sequence[str], failed: dict[str, BaseException]) -> None:
-        """Mark `done` COMPLETED (durably, or Fatal) and release the locks of `failed`,
+    def done(self, keys: Sequence[str]) -> None:
+        """Reactions just done (called as each call finishes, from its thread): their markers
+        are written 25 at a time as soon as 25 are waiting; `finish` writes the rest."""
+        with self._lock:
+            self._unmarked += keys
+            full = len(self._unmarked) - len(self._unmarked) % MARKERS_PER_CALL
+            chunk, self._unmarked = self._unmarked[:full], self._unmarked[full:]
+        if not chunk:
+            return
+        try:
+            self.store.save_success(chunk, self.clock())
+        except Exception as exc:  # noqa: BLE001 - kept for `finish`, which must make them durable
+            with self._lock:
+                self._unmarked += chunk
+            log.warning("done-markers not written yet", extra={"markers": len(chunk), "error": describe(exc)})
+
+    def finish(self, failed: dict[str, BaseException]) -> None:
+        """Make every done-marker durable (or Fatal) and release the locks of `failed`,
         except those whose call timed out: that call may still be running."""
-        durably("mark reactions done", lambda: self.store.save_success(list(done), self.clock()), self.sleep)
+        with self._lock:
+            rest, self._unmarked = self._unmarked, []
+        durably("mark reactions done", lambda: self.store.save_success(rest, self.clock()), self.sleep)
         now, release = self.clock(), []
         for key, exc in failed.items():
             if isinstance(exc, HandlerTimeout):
@@ -102,11 +127,19 @@ class IdempotencyGuard:
         except Exception as exc:  # noqa: BLE001 - the lease expires anyway, and we may re-take our own lock
             log.warning("could not release idempotency locks", extra={"locks": len(release), "error": describe(exc)})
 
-    def late(self, done: Sequence[str]) -> None:
-        """A timed-out call finished after all: record what it did (best effort, once)."""
-        if done:
-            self.store.save_success(list(done), self.clock())
-            log.warning("a timed-out call finished late; its reactions are marked done", extra={"done": len(done)})
+    def late(self) -> None:
+        """A timed-out call finished after all (and said what it did, `done`): write its
+        markers now, nothing else will soon (best effort; the next `finish` retries)."""
+        with self._lock:
+            rest, self._unmarked = self._unmarked, []
+        if rest:
+            try:
+                self.store.save_success(rest, self.clock())
+            except Exception:
+                with self._lock:
+                    self._unmarked += rest
+                raise
+            log.warning("a timed-out call finished late; its reactions are marked done", extra={"done": len(rest)})
 
     def atomic(self, changes: Sequence[ChangeRecord], keys: Sequence[str | None], call: Call) -> CallResult:
         failures, output = call(changes)

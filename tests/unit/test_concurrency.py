@@ -382,3 +382,25 @@ class Rand(random.Random):
 def test_decide(exc, attempts, age, closed, worked, expected):
     assert decide(POLICY, exc, attempts=attempts, now=NOW, age=age, circuit_closed=closed, probe_at=NOW + 30,
                   worked_since_first_failure=worked, rand=Rand()) == expected
+
+
+def test_done_markers_are_written_as_calls_finish_not_only_when_the_round_ends():
+    """The crash window (a send done, its marker not written yet) is the last few calls, not
+    the whole round: with one send still hanging, the others' markers are already durable."""
+    store, seen_while_hanging = InMemoryIdempotencyStore(lock_seconds=90), []
+
+    def send(c, ctx):
+        if c.keys["order_id"] == "o-0":
+            for _ in range(500):  # until the 59 others are done
+                if sum(r.status.value == "COMPLETED" for r in list(store.records.values())) >= 50:
+                    break
+                time.sleep(0.01)
+            seen_while_hanging.append(sum(r.status.value == "COMPLETED" for r in list(store.records.values())))
+
+    route = Route("email", "Orders", send, per_change=True)
+    p = Pipeline(router=Router([route]), ctx=None, dead_letters=InMemoryDeadLetterSink(), idempotency=store,
+                 pool=CallPool(capacity=8))
+    results = p.process([kcl_record(change(f"o-{k}", 0), sequence_number(k + 1)) for k in range(60)], "s")
+    assert {r.outcome for r in results} == {Outcome.DONE}
+    assert seen_while_hanging[0] == 50, "two BatchWriteItems of 25 went out before the round ended"
+    assert sum(r.status.value == "COMPLETED" for r in store.records.values()) == 60
