@@ -26,6 +26,11 @@ from orders_cdc.settings import Settings
 # in milliseconds: seconds, not botocore's 60, before a call counts as hung.
 _TIMEOUTS = {"dynamodb": {"connect_timeout": 2, "read_timeout": 5}}
 _DEFAULT_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 15}
+# SendEmail is not idempotent: botocore's own retry of a call that timed out reading its
+# reply re-sends an email SES may have sent (a fault scenario saw 4 copies of each email
+# behind a 30 s stall). The SES client makes one attempt; the pipeline retries with its
+# lock and done-marker around the send.
+_ATTEMPTS = {"ses": 1}  # total attempts (botocore's "max_attempts" counts retries only)
 
 
 class Clients:
@@ -42,7 +47,8 @@ class Clients:
         # No client-side parameter validation: our requests are built by code, and walking a
         # 100-item transaction or a 500-record batch against the model cost ~10% of the
         # child's CPU in B5's profile; AWS validates them anyway (ValidationException).
-        config = Config(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=self._settings.max_in_flight,
+        config = Config(retries={"mode": "standard", "total_max_attempts": _ATTEMPTS.get(service, 3)},
+                        max_pool_connections=self._settings.max_in_flight,
                         parameter_validation=False, **_TIMEOUTS.get(service, _DEFAULT_TIMEOUTS))
         return self._session.client(service, endpoint_url=self._settings.endpoint(service), config=config)
 

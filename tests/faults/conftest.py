@@ -26,3 +26,22 @@ def fault_run(request):
     yield start
     for run in runs:
         run.stop()
+
+
+@pytest.fixture
+def fault_proxy():
+    """Start a FaultProxy (tests/faults/proxy.py) in front of a service; each is closed after
+    the scenario's runs are stopped (ask for this fixture before `fault_run`), so a daemon
+    still working at teardown does not lose its endpoint first."""
+    from tests.faults.proxy import FaultProxy
+
+    proxies = []
+
+    def start(upstream: str, **options) -> FaultProxy:
+        proxy = FaultProxy(upstream, **options).__enter__()
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.__exit__(None, None, None)

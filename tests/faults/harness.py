@@ -258,6 +258,37 @@ def child_pids(supervisor_pid: int) -> list[int]:
     return [p for p in descendants(supervisor_pid) if "record_processor.py" in _cmdline(p)]
 
 
+def connections_to(pid: int, port: int) -> set[int]:
+    """The local ports of pid's open TCP connections to 127.0.0.1:`port` (e.g. a FaultProxy):
+    which of a proxy's requests came from pid."""
+    import os
+
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def lease_owners(run: LocalRun) -> dict[str, str]:
     items = run.client("dynamodb").scan(TableName=run.cfg.application, ConsistentRead=True)["Items"]
     return {i["leaseKey"]["S"]: i.get("leaseOwner", {}).get("S", "") for i in items

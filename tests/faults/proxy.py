@@ -27,9 +27,11 @@ _OUTAGE = (b'<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable
 class Request:
     n: int
     body: bytes
+    client_port: int
     arrived: float  # time.monotonic()
     delay: float
     finished: float | None = None  # forwarded and answered by the upstream (or refused)
+    action: str = ""  # the API call: X-Amz-Target's operation (JSON protocols) or Action= (query)
 
     def in_flight_at(self, t: float) -> bool:
         return self.arrived <= t and (self.finished is None or self.finished > t)
@@ -43,6 +45,11 @@ def ses_subject(body: bytes) -> str | None:
     """The subject of an SES SendEmail (query protocol, form-encoded)."""
     values = urllib.parse.parse_qs(body.decode(errors="replace")).get("Message.Subject.Data")
     return values[0] if values else None
+
+
+def _query_action(body: bytes) -> str:
+    values = urllib.parse.parse_qs(body.decode(errors="replace")).get("Action")
+    return values[0] if values else ""
 
 
 class _Server(ThreadingHTTPServer):
@@ -67,7 +74,9 @@ class FaultProxy:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = proxy._arrive(body)
+                target = self.headers.get("X-Amz-Target", "")
+                action = target.rsplit(".", 1)[-1] if target else _query_action(body)
+                request = proxy._arrive(body, self.client_address[1], action)
                 try:
                     self._serve(request, body)
                 finally:
@@ -111,9 +120,14 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def _arrive(self, body: bytes) -> Request:
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def _arrive(self, body: bytes, client_port: int, action: str) -> Request:
         with self.lock:
-            request = Request(len(self.requests), body, time.monotonic(), max(0.0, float(self.delay(body))))
+            request = Request(len(self.requests), body, client_port, time.monotonic(), max(0.0, float(self.delay(body))),
+                              action=action)
             self.requests.append(request)
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)

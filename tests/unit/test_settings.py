@@ -51,3 +51,15 @@ def test_positions():
     assert parse_position("AT_TIMESTAMP:2026-11-28T10:00:00+01:00") == datetime(2026, 11, 28, 9, tzinfo=timezone.utc)
     with pytest.raises(SettingsError, match="give a timezone"):
         parse_position("2026-11-28T10:00:00")
+
+
+def test_clients_pool_a_connection_per_call_in_flight_and_the_ses_client_never_resends_by_itself():
+    from orders_cdc.app import Clients
+    from orders_cdc.settings import load
+
+    clients = Clients(load({"AWS_REGION": "us-east-1", "ORDERS_CDC_MAX_IN_FLIGHT": "48"}))
+    for client in (clients.dynamodb, clients.ses, clients.sqs, clients.firehose):
+        assert client.meta.config.max_pool_connections == 48
+    assert clients.ses.meta.config.retries["total_max_attempts"] == 1, "a timed-out SendEmail may have been sent"
+    assert clients.sqs.meta.config.retries["total_max_attempts"] == 3
+    assert (clients.dynamodb.meta.config.connect_timeout, clients.dynamodb.meta.config.read_timeout) == (2, 5)
