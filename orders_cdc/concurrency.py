@@ -143,6 +143,7 @@ class CallPool(Pool):
                 now = self.clock()
                 if now + call.timeout > call.deadline:
                     call.result, call.finished = NotStarted("no time left in this batch for the call"), True
+                    call = None
                     self._cond.notify_all()
                     continue
                 call.started = now
@@ -163,6 +164,9 @@ class CallPool(Pool):
                     break
                 self._running -= 1
                 call.result = result
+                # An idle worker must not keep its last call (and through it that call's
+                # changes, a whole batch for a counter route) alive into the next batch.
+                call = result = None
                 self._cond.notify_all()
         if late is not None:
             try:

@@ -404,3 +404,20 @@ def test_done_markers_are_written_as_calls_finish_not_only_when_the_round_ends()
     assert {r.outcome for r in results} == {Outcome.DONE}
     assert seen_while_hanging[0] == 50, "two BatchWriteItems of 25 went out before the round ended"
     assert sum(r.status.value == "COMPLETED" for r in store.records.values()) == 60
+
+
+def test_an_idle_worker_keeps_nothing_of_its_last_call_alive():
+    """A worker waiting for work held its last call, and through its closure that call's
+    changes: for a counter route, the whole previous batch, alive while the next one ran."""
+    import gc
+    import weakref
+
+    class Batch:
+        pass
+
+    pool, batch = CallPool(capacity=2), Batch()
+    alive = weakref.ref(batch)
+    pool.run([Call(lambda b=batch: id(b))], timeout=5, time_left=60)
+    del batch
+    gc.collect()
+    assert alive() is None
