@@ -55,7 +55,7 @@ test-fast: install
 test-integration: install
 	$(PY) -m pytest -m integration
 
-# Benchmarks (bench/): B1-B4, a table in the terminal and bench/results.json. Not tests:
+# Benchmarks (bench/): B1-B5, a table in the terminal and bench/results.json. Not tests:
 # nothing fails on speed. The bench extra (Powertools for B2, py-spy for B1's profile) is
 # installed on first use.
 bench: install
