@@ -149,7 +149,7 @@ class Pipeline:
         started = self.clock()
         self._shard = shard_id
         batch = [_Record(i, raw) for i, raw in enumerate(records)]
-        pending = self._plan(self._decode_and_route(batch, shard_id), batch)
+        pending = self._plan(self._decode_and_route(batch, shard_id))
         while pending:
             self._round(pending, started)
         letters = [self._letter(r, shard_id) for r in batch if r.letter is not None]
@@ -185,7 +185,7 @@ class Pipeline:
                 work.setdefault(route, []).append(record)
         return work
 
-    def _plan(self, work: dict[Route, list[_Record]], batch: list[_Record]) -> dict[Route, list[_Task]]:
+    def _plan(self, work: dict[Route, list[_Record]]) -> dict[Route, list[_Task]]:
         pending: dict[Route, list[_Task]] = {}
         for route, records in work.items():
             idempotent = self._guard.mode(route) is not Idempotency.OFF
