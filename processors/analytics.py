@@ -13,7 +13,7 @@ from orders_cdc.attrvalue import dumps_exact
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
-from processors._firehose import MAX_RECORDS, put_changes
+from processors._firehose import MAX_RECORD_BYTES, MAX_RECORDS, put_changes
 
 if TYPE_CHECKING:
     from orders_cdc.app import Context
@@ -32,17 +32,34 @@ def event_type(change: ChangeRecord) -> str:
     return "order_updated"
 
 
-def flatten(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """{"a": {"b": [1, {"c": 2}]}} -> {"a.b.0": 1, "a.b.1.c": 2}: one level, for columnar stores."""
-    out = {} if out is None else out
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            flatten(inner, f"{prefix}{key}.", out)
-    elif isinstance(value, list):
-        for i, inner in enumerate(value):
-            flatten(inner, f"{prefix}{i}.", out)
-    else:
-        out[prefix[:-1]] = value
+class _TooBig(Exception):
+    pass
+
+
+def flatten(value: Any, limit: int = MAX_RECORD_BYTES) -> dict[str, Any]:
+    """{"a": {"b": [1, {"c": 2}]}} -> {"a.b.0": 1, "a.b.1.c": 2}: one level, for columnar stores.
+
+    Every leaf repeats its whole path, so a legal 250 KB item of deep maps with long names
+    can flatten to hundreds of MB: past `limit` characters of paths and values this stops
+    and raises _TooBig (the caller sends a truncated event)."""
+    out: dict[str, Any] = {}
+    used = 0
+
+    def walk(inner: Any, prefix: str) -> None:
+        nonlocal used
+        if isinstance(inner, dict):
+            for key, item in inner.items():
+                walk(item, f"{prefix}{key}.")
+        elif isinstance(inner, list):
+            for i, item in enumerate(inner):
+                walk(item, f"{prefix}{i}.")
+        else:
+            used += len(prefix) + (len(inner) if isinstance(inner, (str, bytes)) else 16)
+            if used > limit:
+                raise _TooBig
+            out[prefix[:-1]] = inner
+
+    walk(value, "")
     return out
 
 
@@ -62,8 +79,18 @@ def to_event(change: ChangeRecord) -> dict[str, Any]:
         "shard_id": position.shard_id if position else None,
         "sequence_number": position.sequence_number if position else None,
         "sub_sequence_number": position.sub_sequence_number if position else None,
-        "item": flatten(image or {}),
+        **_item(image or {}),
     }
+
+
+def _item(image: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"item": flatten(image)}
+    except _TooBig:
+        # Too big for one Firehose record once flattened: the top-level scalars only, marked.
+        small = {k: v for k, v in image.items()
+                 if not isinstance(v, (dict, list, set, frozenset)) and len(str(v)) <= 1024}
+        return {"item": small, "item_truncated": True}
 
 
 def firehose_copy(changes: Sequence[ChangeRecord], ctx: Context) -> None:

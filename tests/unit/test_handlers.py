@@ -800,3 +800,19 @@ def test_demo_order_histories_leave_every_derived_table_consistent(stack):
     cancelled = [item for item in finals if item["status"] == "cancelled"]
     assert len(stack.refund_messages()) == len(cancelled)
     assert stack.calls["SendEmail"] == len(left) + 2 * sum(item["status"] == "delivered" for item in finals)
+
+
+def test_an_item_that_flattens_past_a_firehose_record_is_sent_truncated_without_building_it_whole():
+    """Every leaf repeats its whole path: 5,000 leaves under a 4,000-character path is a
+    ~60 KB item that flattened to 20 MB (a 250 KB item reached 300 MB). Flattening stops at
+    Firehose's record size and the event says it was truncated."""
+    deep: dict = {f"k{i}": "v" for i in range(5000)}
+    for level in range(40):
+        deep = {f"{'m' * 98}{level:02d}": deep}
+    big = {**order("o-990"), "extra": deep}
+    event = analytics.to_event(insert(big))
+    line = orjson.dumps(event, default=str)
+    assert event["item_truncated"] is True and len(line) <= _firehose.MAX_RECORD_BYTES
+    assert event["item"]["order_id"] == "o-990" and "extra" not in event["item"]
+    small = analytics.to_event(insert(order("o-991")))
+    assert "item_truncated" not in small and small["item"]["items.0.product_id"] == "p-1"
