@@ -100,8 +100,9 @@ class IdempotencyStore(ABC):
             self._put_many([IdempotencyRecord(k, Status.COMPLETED, int(now) + self.ttl_seconds) for k in keys])
 
     def delete(self, keys: Sequence[str]) -> None:
-        """Release locks after a failed reaction, so a retry (ours or another worker's)
-        need not wait for the lease to run out."""
+        """Release our locks after a failed reaction, so a retry (ours or another worker's)
+        need not wait for the lease to run out. A lock that is not ours (any more), or a
+        COMPLETED marker, is left as it is."""
         if keys:
             self._delete_many(keys)
 

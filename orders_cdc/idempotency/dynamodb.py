@@ -5,7 +5,8 @@
   way, which saves a second read; a transaction cancelled only by such records is sent
   again without them.
 - Reads are BatchGetItem, 100 keys a call, strongly consistent.
-- COMPLETED markers and lock releases are BatchWriteItem, 25 a call.
+- COMPLETED markers are BatchWriteItem, 25 a call; lock releases are conditional on the
+  lock still being ours (TransactWriteItems, 100 a call).
 - ATOMIC routes' markers go in the same TransactWriteItems as their counter updates, each
   a Put conditional on no unexpired record; CancellationReasons (one per item, in order)
   say which markers were already there.
@@ -121,48 +122,45 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
         return None
 
     def _put_many_if_free(self, records: Sequence[IdempotencyRecord], now: float) -> Mapping[str, IdempotencyRecord]:
-        """The locks of a round, 100 conditional puts per TransactWriteItems (one lock: a
-        PutItem). A transaction cancelled only by locks in the way is sent again without them."""
-        in_the_way: dict[str, IdempotencyRecord] = {}
-        for start in range(0, len(records), MAX_TRANSACTION_ITEMS):
-            pending = list(records[start : start + MAX_TRANSACTION_ITEMS])
-            while pending:
-                if len(pending) == 1:
-                    existing = self._put_if_free(pending[0], now)
-                    if existing is not None:
-                        in_the_way[pending[0].key] = existing
-                    break
-                refused = self._transact_locks(pending, now)
-                in_the_way.update(refused)
-                pending = [r for r in pending if r.key not in refused] if refused else []
+        """The locks of a round, 100 conditional puts per TransactWriteItems (one lock: a PutItem)."""
+        if len(records) == 1:
+            existing = self._put_if_free(records[0], now)
+            return {} if existing is None else {records[0].key: existing}
+        refused = self._conditional_writes([r.key for r in records], [
+            {"Put": {"TableName": self.table, "Item": _item(r), "ConditionExpression": _FREE,
+                     "ExpressionAttributeNames": {"#id": "id", "#status": "status", "#owner": "owner"},
+                     "ExpressionAttributeValues": {":now": {"N": repr(now)}, ":inprogress": {"S": Status.INPROGRESS.value},
+                                                   ":owner": {"S": r.owner}},
+                     "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}} for r in records])
+        in_the_way = {}
+        for key, reason in refused.items():
+            item = reason.get("Item") or self._get_one(key)
+            # Deleted in between: a lock that is free now (the next round takes it).
+            in_the_way[key] = _record(item) if item else IdempotencyRecord(key, Status.INPROGRESS, 0, now, "")
         return in_the_way
 
-    def _transact_locks(self, records: Sequence[IdempotencyRecord], now: float) -> dict[str, IdempotencyRecord]:
-        items = [{"Put": {"TableName": self.table, "Item": _item(r), "ConditionExpression": _FREE,
-                          "ExpressionAttributeNames": {"#id": "id", "#status": "status", "#owner": "owner"},
-                          "ExpressionAttributeValues": {":now": {"N": repr(now)},
-                                                        ":inprogress": {"S": Status.INPROGRESS.value},
-                                                        ":owner": {"S": r.owner}},
-                          "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}} for r in records]
-        try:
-            self._ddb.transact_write_items(TransactItems=items)
-        except ClientError as exc:
-            reasons = exc.response.get("CancellationReasons") or []
-            codes = [r.get("Code") for r in reasons]
-            if (error_code(exc) != "TransactionCanceledException" or len(reasons) != len(records)
-                    or any(c not in (None, "None", "ConditionalCheckFailed") for c in codes)):
-                if _misconfigured(exc):
-                    raise mapped(exc, "TransactWriteItems") from exc
-                raise transaction_error(exc) from exc
-            refused = {}
-            for record, reason in zip(records, reasons):
-                if reason.get("Code") == "ConditionalCheckFailed":
-                    item = reason.get("Item") or self._get_one(record.key)
-                    # Deleted in between: a lock that is free now (the next round takes it).
-                    refused[record.key] = (_record(item) if item else
-                                           IdempotencyRecord(record.key, Status.INPROGRESS, 0, now, ""))
-            return refused
-        return {}
+    def _conditional_writes(self, keys: Sequence[str], actions: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """`actions` (one conditional write per key) in TransactWriteItems of 100. A
+        transaction cancelled only by conditions that failed is sent again without those
+        actions. Returns {key: its CancellationReason} for the actions whose condition failed."""
+        refused: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(actions), MAX_TRANSACTION_ITEMS):
+            pending = list(zip(keys[start : start + MAX_TRANSACTION_ITEMS], actions[start : start + MAX_TRANSACTION_ITEMS]))
+            while pending:
+                try:
+                    self._ddb.transact_write_items(TransactItems=[action for _, action in pending])
+                    break
+                except ClientError as exc:
+                    reasons = exc.response.get("CancellationReasons") or []
+                    if (error_code(exc) != "TransactionCanceledException" or len(reasons) != len(pending)
+                            or any(r.get("Code") not in (None, "None", "ConditionalCheckFailed") for r in reasons)):
+                        if _misconfigured(exc):
+                            raise mapped(exc, "TransactWriteItems") from exc
+                        raise transaction_error(exc) from exc
+                    failed = {key: r for (key, _), r in zip(pending, reasons) if r.get("Code") == "ConditionalCheckFailed"}
+                    refused.update(failed)
+                    pending = [(key, action) for key, action in pending if key not in failed]
+        return refused
 
     def _get_one(self, key: str) -> dict[str, Any] | None:
         try:
@@ -174,7 +172,14 @@ class DynamoDbIdempotencyStore(IdempotencyStore):
         batch_write(self._ddb, self.table, [{"PutRequest": {"Item": _item(r)}} for r in records], self._sleep)
 
     def _delete_many(self, keys: Sequence[str]) -> None:
-        batch_write(self._ddb, self.table, [{"DeleteRequest": {"Key": {"id": {"S": k}}}} for k in keys], self._sleep)
+        # Only our own lock: released late (after its lease), it may be another worker's by
+        # now, and deleting that would let a third one in. BatchWriteItem has no conditions.
+        self._conditional_writes(keys, [
+            {"Delete": {"TableName": self.table, "Key": {"id": {"S": k}},
+                        "ConditionExpression": "#owner = :owner AND #status = :inprogress",
+                        "ExpressionAttributeNames": {"#owner": "owner", "#status": "status"},
+                        "ExpressionAttributeValues": {":owner": {"S": self.owner},
+                                                      ":inprogress": {"S": Status.INPROGRESS.value}}}} for k in keys])
 
     def _transact(self, markers: Sequence[IdempotencyRecord], updates: Sequence[CounterUpdate], now: float) -> set[str]:
         items = [{"Update": update_action(u)} for u in updates] + [

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
 from orders_cdc.counters import CounterUpdate, ItemKey
-from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore
+from orders_cdc.idempotency.base import IdempotencyRecord, IdempotencyStore, Status
 
 
 class InMemoryIdempotencyStore(IdempotencyStore):
@@ -42,7 +42,9 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         self.calls["delete_many"] += 1
         with self._lock:
             for key in keys:
-                self.records.pop(key, None)
+                record = self.records.get(key)
+                if record is not None and record.status is Status.INPROGRESS and record.owner == self.owner:
+                    del self.records[key]
 
     def _transact(self, markers: Sequence[IdempotencyRecord], updates: Sequence[CounterUpdate], now: float) -> set[str]:
         self.calls["transact"] += 1

@@ -305,3 +305,17 @@ def test_one_bad_change_in_a_shared_transaction_fails_alone_and_its_neighbours_a
     assert sorted(result.done) == [0, 2] and list(result.failed) == [1]
     assert not is_retryable(result.failed[1]), "dead-lettered, as a bad record"
     assert store.completed(["m#1", "m#2", "m#3"], NOW) == {"m#1", "m#3"}
+
+
+def test_a_late_release_never_deletes_another_workers_lock_or_a_done_marker(make_store):
+    """Our lease ran out and another worker took the lock: our release must leave it."""
+    mine, theirs = make_store("me"), make_store("other")
+    mine.save_inprogress("k-1", NOW)
+    theirs.save_inprogress("k-1", NOW + 31)  # after our 30 s lease
+    mine.save_inprogress("k-2", NOW)
+    mine.save_success(["k-3"], NOW)
+    mine.delete(["k-1", "k-2", "k-3"])
+    with pytest.raises(IdempotencyInProgressError):
+        make_store("third").save_inprogress("k-1", NOW + 32)
+    make_store("third").save_inprogress("k-2", NOW + 1)  # ours, released: free at once
+    assert mine.completed(["k-3"], NOW) == {"k-3"}
