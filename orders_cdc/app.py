@@ -71,6 +71,10 @@ class Clients:
         return self._client("firehose")
 
     @cached_property
+    def s3(self):
+        return self._client("s3")
+
+    @cached_property
     def kinesis(self):
         return self._client("kinesis")
 
@@ -99,7 +103,8 @@ def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
     return Pipeline(
         router=Router(all_routes(settings.resources)),
         ctx=ctx,
-        dead_letters=SqsDeadLetterSink(clients.sqs, clients.queue_url(settings.resources.dlq_queue)),
+        dead_letters=SqsDeadLetterSink(clients.sqs, clients.queue_url(settings.resources.dlq_queue), clients.s3,
+                                       settings.resources.dead_letter_bucket),
         retry=RetryPolicy(
             max_attempts=settings.max_attempts,
             base_seconds=settings.retry_base_seconds,

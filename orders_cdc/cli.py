@@ -124,10 +124,11 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     if args.dlq_command == "list":
         received = list(dlq.receive(clients.sqs, url, args.max))
         for r in received:
-            out.write(orjson.dumps(dlq.summary(r.letter) | ({"record": r.letter.get("record")} if args.records else {})).decode() + "\n")
+            record = {"record": dlq.whole(r.letter, clients.s3).get("record")} if args.records else {}
+            out.write(orjson.dumps(dlq.summary(r.letter) | record).decode() + "\n")
         dlq.release(clients.sqs, url, received)  # listing takes nothing away
         return 0
-    for letter, outcome in dlq.redrive(build_pipeline(settings, clients), clients.sqs, url, args.max):
+    for letter, outcome in dlq.redrive(build_pipeline(settings, clients), clients.sqs, url, args.max, clients.s3):
         out.write(orjson.dumps({"sequence_number": letter["sequence_number"], "shard_id": letter["shard_id"],
                                 "was": letter["reason"], "now": outcome}).decode() + "\n")
     return 0

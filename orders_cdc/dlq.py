@@ -41,13 +41,21 @@ def release(sqs, queue_url: str, received: list[Received]) -> None:
 
 def summary(letter: dict) -> dict:
     return {k: letter.get(k) for k in ("reason", "error_type", "attempts", "shard_id", "sequence_number",
-                                       "failed_routes", "dead_lettered_at", "record_truncated")}
+                                       "failed_routes", "dead_lettered_at", "record_truncated", "record_s3")}
 
 
-def redrive(pipeline: Pipeline, sqs, queue_url: str, limit: int) -> Iterator[tuple[dict, str]]:
+def whole(letter: dict, s3) -> dict:
+    """The letter with its record, fetched from S3 when the message only points at it."""
+    where = letter.get("record_s3")
+    if not where:
+        return letter
+    return orjson.loads(s3.get_object(Bucket=where["bucket"], Key=where["key"])["Body"].read())
+
+
+def redrive(pipeline: Pipeline, sqs, queue_url: str, limit: int, s3=None) -> Iterator[tuple[dict, str]]:
     """Yields (letter summary, what happened) per letter."""
     for received in receive(sqs, queue_url, limit):
-        letter = received.letter
+        letter = whole(received.letter, s3)
         if letter.get("record_truncated") or "data" not in letter.get("record", {}):
             yield summary(letter), "kept: the letter has no record data (too large); read it from the stream"
             continue

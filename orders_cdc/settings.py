@@ -24,6 +24,7 @@ class Resources:
 
     orders_table: str = "Orders"
     dlq_queue: str = "orders-cdc-dlq"
+    dead_letter_bucket: str = "orders-cdc-dead-letters"  # dead letters too big for a message
     refund_queue: str = "orders-cdc-refunds"
     inventory_table: str = "Inventory"
     product_orders_table: str = "ProductOrders"

@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
+from orders_cdc.deadletter import MAX_MESSAGE_BYTES
 from orders_cdc.local.stack import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 from orders_cdc.settings import Resources
 
@@ -41,6 +42,7 @@ class ResourceNames(Resources):
             product_orders_table=f"ProductOrders-{suffix}", order_metrics_table=f"OrderMetrics-{suffix}",
             product_metrics_table=f"ProductMetrics-{suffix}", idempotency_table=f"Idempotency-{suffix}",
             dlq_queue=f"dlq-{suffix}", refund_queue=f"refunds-{suffix}", analytics_bucket=f"analytics-{suffix}",
+            dead_letter_bucket=f"dead-letters-{suffix}",
             firehose_stream=f"analytics-{suffix}", sender_email=f"orders-{suffix}@example.com", **kw,
         )
 
@@ -87,8 +89,10 @@ def create_resources(
     _ttl(c.dynamodb, names.idempotency_table, names.idempotency_ttl_attribute)
     _ttl(c.dynamodb, names.product_orders_table, "expires_at")  # the view's tombstones
     # create_queue is idempotent when the attributes match.
-    queue_urls = {q: c.sqs.create_queue(QueueName=q)["QueueUrl"] for q in (names.dlq_queue, names.refund_queue)}
+    queue_urls = {q: c.sqs.create_queue(QueueName=q, Attributes={"MaximumMessageSize": str(MAX_MESSAGE_BYTES)})["QueueUrl"]
+                  for q in (names.dlq_queue, names.refund_queue)}
     _bucket(c.s3, names.analytics_bucket)
+    _bucket(c.s3, names.dead_letter_bucket)
     _firehose(c.firehose, names.firehose_stream, names.analytics_bucket)
     c.ses.verify_email_identity(EmailAddress=names.sender_email)  # idempotent; moto verifies at once
     log.info("local resources ready: stream %s, table %s", stream_arn, names.orders_table)

@@ -276,14 +276,38 @@ def test_dead_letters_fit_sqs_limits_and_refused_ones_are_resent_alone():
     from orders_cdc.deadletter import SqsDeadLetterSink
 
     sqs = FakeSqs(refuse=[{"1"}])
-    big = letter(99, data="A" * 400_000)  # a 300 KB Kinesis record, base64
-    SqsDeadLetterSink(sqs, "url").send([letter(n) for n in range(12)] + [big])
+    big = letter(99, data="A" * 1_400_000)  # a 1 MiB Kinesis record, base64
+    SqsDeadLetterSink(sqs, "url").send([letter(n) for n in range(12)] + [big])  # no bucket: sent without data
     assert sqs.calls == [10, 1, 3], "10 per call; the refused entry alone; then the rest"
     bodies = [orjson.loads(b) for b in sqs.bodies]
     assert sorted(int(b["sequence_number"]) for b in bodies) == list(range(12)) + [99]
     [truncated] = [b for b in bodies if b["sequence_number"] == "99"]
     assert truncated["record_truncated"] is True and "data" not in truncated["record"]
-    assert all(len(b) <= 256 * 1024 for b in sqs.bodies)
+    assert all(len(b) <= 1024 * 1024 for b in sqs.bodies)
+
+
+class FakeS3:
+    def __init__(self):
+        self.objects = {}
+
+    def put_object(self, Bucket, Key, Body, ContentType):
+        self.objects[Bucket, Key] = Body
+
+
+def test_a_dead_letter_too_big_for_a_message_is_kept_whole_in_s3_and_the_message_points_at_it():
+    import orjson
+
+    from orders_cdc.deadletter import SqsDeadLetterSink
+
+    sqs, s3 = FakeSqs(), FakeS3()
+    big = letter(7, data="A" * 1_400_000)
+    SqsDeadLetterSink(sqs, "url", s3, "dead-letters-bucket").send([letter(1), big])
+    small, pointer = (orjson.loads(b) for b in sqs.bodies)
+    assert "record_s3" not in small and small["record"]["data"] == "eA=="
+    assert pointer["record_s3"] == {"bucket": "dead-letters-bucket", "key": "dead-letters/s/7-0.json"}
+    assert "data" not in pointer["record"] and "record_truncated" not in pointer
+    stored = orjson.loads(s3.objects["dead-letters-bucket", "dead-letters/s/7-0.json"])
+    assert stored["record"] == big.record and stored["reason"] == big.reason, "the whole letter, record and all"
 
 
 def test_a_retried_send_does_not_resend_delivered_letters():

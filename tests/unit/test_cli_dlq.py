@@ -66,3 +66,19 @@ def test_list_then_redrive(stack):
     [again] = cli(env, "list", "--records")
     assert again["sequence_number"] == sequence_number(2) and again["record"] == poison
     assert queue_depth(clients, url) == 1
+
+
+def test_a_letter_kept_in_s3_is_listed_and_redriven_whole(stack):
+    names, clients, created, env = stack
+    url = created.queue_urls[names.dlq_queue]
+    item = {"order_id": "r-9", "status": "pending", "notes": "x" * 800_000}  # a 1 MiB record once in base64
+    record = kcl_record(kds_record("INSERT", new=item, old=None, keys={"order_id": "r-9"}, table=names.orders_table),
+                        sequence_number(9))
+    letter = DeadLetter(record=record, shard_id="shardId-000000000000", sequence_number=record["sequenceNumber"],
+                        sub_sequence_number=0, reason="downstream was down", error_type="X", attempts=5)
+    SqsDeadLetterSink(clients.sqs, url, clients.s3, names.dead_letter_bucket).send([letter])
+    [listed] = cli(env, "list", "--records")
+    assert listed["record_s3"]["bucket"] == names.dead_letter_bucket and listed["record"] == record
+    [outcome] = cli(env, "redrive")
+    assert outcome["now"] == "done"
+    assert len(analytics_for(clients, names.analytics_bucket, "r-9")) == 1
