@@ -8,6 +8,8 @@ the marker are both written, or neither is.
 
 A transaction holds at most 100 items and touches an item once, so the changes are cut into
 groups whose merged updates plus markers fit; one change is never split across two groups.
+A change that alone does not fit (an order of 99+ products) is committed in parts, each
+with a marker of its own (IdempotencyStore.commit).
 """
 
 from __future__ import annotations

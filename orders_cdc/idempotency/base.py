@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from orders_cdc.counters import CounterUpdate, TooManyCounters, groups, items_of, merge
+from orders_cdc.counters import MAX_TRANSACTION_ITEMS, CounterUpdate, TooManyCounters, groups, items_of, merge
 from orders_cdc.errors import FatalProcessingError, Failure, classify
 from orders_cdc.idempotency.exceptions import IdempotencyAlreadyCompletedError, IdempotencyInProgressError
 
@@ -112,7 +112,8 @@ class IdempotencyStore(ABC):
 
         Entries are grouped (see counters.groups); a group whose transaction finds some
         markers already there drops those entries (DUPLICATE) and commits the rest. A group
-        that fails fails its entries only. An entry with no updates is done without a write.
+        that fails fails its entries only. An entry with no updates is done without a write;
+        one too big for a transaction is committed in parts (`_commit_in_parts`).
         """
         result, seen, todo = CommitResult(), set(), []
         for i, (key, updates) in enumerate(entries):
@@ -123,14 +124,37 @@ class IdempotencyStore(ABC):
             else:
                 try:
                     items_of(updates)
-                except TooManyCounters as exc:
-                    result.failed[i] = exc
+                except TooManyCounters:
+                    self._commit_in_parts(i, key, updates, now, result)
                 else:
                     todo.append(i)
             seen.add(key)
         for group in groups([entries[i][1] for i in todo]):
             self._commit_group([todo[g] for g in group], entries, now, result)
         return result
+
+    def _commit_in_parts(self, i: int, key: str, updates: Sequence[CounterUpdate], now: float,
+                         result: CommitResult) -> None:
+        """One change whose counters do not fit one transaction (an order of 99+ products):
+        its updates in parts, each part committed with a part marker of its own, the last part
+        also with the change's marker. A redelivery skips the parts already committed and
+        finishes the rest: still exactly once."""
+        merged = merge(updates)
+        size = MAX_TRANSACTION_ITEMS - 2  # room for the part marker and, in the last, the change's
+        parts = [merged[start : start + size] for start in range(0, len(merged), size)]
+        expires = int(now) + self.ttl_seconds
+        fresh = False
+        for n, part in enumerate(parts):
+            markers = [IdempotencyRecord(f"{key}#part{n}", Status.COMPLETED, expires)]
+            if n == len(parts) - 1:
+                markers.append(IdempotencyRecord(key, Status.COMPLETED, expires))
+            try:
+                existing = self._transact(markers, part, now)
+            except Exception as exc:  # noqa: BLE001 - the parts done stay done; the retry does the rest
+                result.failed[i] = exc
+                return
+            fresh = fresh or not existing
+        (result.done if fresh else result.duplicate).append(i)
 
     def _commit_group(self, members: list[int], entries, now: float, result: CommitResult) -> None:
         while members:

@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from orders_cdc.change import decode_kinesis_data
-from orders_cdc.counters import CounterUpdate, TooManyCounters
+from orders_cdc.counters import CounterUpdate
 from orders_cdc.errors import FatalProcessingError, RetryableError, is_retryable
 from orders_cdc.idempotency import (
     IdempotencyAlreadyCompletedError,
@@ -266,15 +266,40 @@ def test_an_expired_marker_does_not_block_a_commit(make_store):
     assert counter_of(store, t) == 2
 
 
-def test_a_change_too_big_for_one_transaction_fails_alone(make_store):
+def test_a_change_too_big_for_one_transaction_is_committed_in_parts_exactly_once(make_store):
+    """An order of 250 products: 250 counters cannot share one transaction with a marker.
+    It used to be dead-lettered for good; now it goes in parts, each with its own marker."""
     store = make_store()
     t = counter_table(store)
-    huge = [u for i in range(100) for u in add("m#1", 1, t, counter=f"counter#{i}")]
-    result = store.commit([("m#1", huge), ("m#2", add("m#2", 5, t)), ("m#3", [])], NOW)
-    assert isinstance(result.failed[0], TooManyCounters) and not is_retryable(result.failed[0])
-    assert (result.done, result.duplicate) == ([2, 1], [])
-    assert counter_of(store, t) == 5
-    assert store.completed(["m#1", "m#2", "m#3"], NOW) == {"m#2"}, "nothing to write, no marker"
+    huge = [u for i in range(250) for u in add("m#1", 1, t, counter=f"counter#{i}")]
+    result = store.commit([("m#1", huge), ("m#2", add("m#2", 5, t, counter="other")), ("m#3", [])], NOW)
+    assert (sorted(result.done), result.duplicate, result.failed) == ([0, 1, 2], [], {})
+    assert [counter_of(store, t, f"counter#{i}") for i in (0, 97, 98, 249)] == [1, 1, 1, 1]
+    assert counter_of(store, t, "other") == 5
+    assert store.completed(["m#1", "m#1#part0", "m#1#part2", "m#2", "m#3"], NOW) == {
+        "m#1", "m#1#part0", "m#1#part2", "m#2"}
+    again = store.commit([("m#1", huge)], NOW + 1)
+    assert again.duplicate == [0] and counter_of(store, t, "counter#249") == 1, "a redelivery counts nothing twice"
+
+
+def test_a_change_committed_in_parts_resumes_after_a_failure_between_parts():
+    class FailsOnce(InMemoryIdempotencyStore):
+        failed = False
+
+        def _transact(self, markers, updates, now):
+            if any(m.key.endswith("#part1") for m in markers) and not self.failed:
+                self.failed = True
+                raise RetryableError("throttled")
+            return super()._transact(markers, updates, now)
+
+    store = FailsOnce(ttl_seconds=3600)
+    huge = [u for i in range(150) for u in add("m#1", 1, "Counters", counter=f"counter#{i}")]
+    first = store.commit([("m#1", huge)], NOW)
+    assert list(first.failed) == [0] and is_retryable(first.failed[0])
+    assert sum(counter_of(store, "Counters", f"counter#{i}") for i in range(150)) == 98, "the first part only"
+    second = store.commit([("m#1", huge)], NOW + 1)
+    assert second.done == [0]
+    assert {counter_of(store, "Counters", f"counter#{i}") for i in range(150)} == {1}, "each counter once"
 
 
 def test_dynamodb_commits_are_grouped_100_items_a_transaction(table):
