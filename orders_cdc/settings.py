@@ -151,8 +151,21 @@ def _endpoints(env: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(env: Mapping[str, str]) -> None:
+    """Values go into the daemon's properties file, one per line: a newline in one would
+    add a line (a setting) of its own."""
+    for name, value in env.items():
+        if (name.startswith(PREFIX) or name.startswith("AWS_ENDPOINT_URL") or name in ("AWS_REGION", "AWS_DEFAULT_REGION")) \
+                and _CONTROL.search(value):
+            raise SettingsError(f"{name} contains a control character (newline, tab, ...): {value[:40]!r}")
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
+    _no_control_characters(env)
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if not region:
         raise SettingsError("AWS_REGION is not set (e.g. AWS_REGION=us-east-1)")

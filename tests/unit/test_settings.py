@@ -63,3 +63,18 @@ def test_clients_pool_a_connection_per_call_in_flight_and_the_ses_client_never_r
     assert clients.ses.meta.config.retries["total_max_attempts"] == 1, "a timed-out SendEmail may have been sent"
     assert clients.sqs.meta.config.retries["total_max_attempts"] == 3
     assert (clients.dynamodb.meta.config.connect_timeout, clients.dynamodb.meta.config.read_timeout) == (2, 5)
+
+
+@pytest.mark.parametrize("name", ["ORDERS_CDC_WORKER_ID", "AWS_ENDPOINT_URL", "AWS_REGION", "ORDERS_CDC_APPLICATION"])
+def test_a_line_break_in_a_setting_cannot_inject_a_property(name):
+    env = {"AWS_REGION": "us-east-1", name: "http://127.0.0.1:4566/\nexecutableName = sh -c evil"}
+    with pytest.raises(SettingsError, match=f"{name} contains a control character") as info:
+        load(env)
+    assert "\n" not in str(info.value)
+
+
+def test_the_properties_file_never_gets_a_line_a_value_did_not_mean():
+    from orders_cdc.kcl import properties
+
+    with pytest.raises(ValueError, match="workerId"):
+        properties.render({"workerId": "w-1\nexecutableName = sh"})
