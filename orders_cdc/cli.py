@@ -42,15 +42,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from orders_cdc.kcl import daemon
     from orders_cdc.preflight import preflight
 
+    if args.check:
+        return _check(args)
     settings = settings_module.load()
     if args.from_:
         settings = _with_position(settings, args.from_)
     values = daemon.effective_properties(settings, Path(args.properties))
     if not args.skip_preflight:
-        stream = values.get("streamName") or values["streamArn"].rsplit("/", 1)[-1]
-        preflight(settings, stream, values.get("tableName", values["applicationName"]))
+        preflight(settings, values)
     command = daemon.build_command(values, Path(args.run_dir))
     return daemon.run(command, restart=args.restart)
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`run --check`: every problem, one line each, and nothing started. Exit 0 or 1."""
+    from orders_cdc.kcl import daemon
+    from orders_cdc.preflight import checks
+
+    try:
+        settings = settings_module.load()
+        if args.from_:
+            settings = _with_position(settings, args.from_)
+    except SettingsError as exc:
+        print(f"orders-cdc: {exc}")
+        return 1
+    values, problems = daemon.checked_properties(settings, Path(args.properties))
+    if not problems and not args.skip_preflight:
+        problems = list(checks(settings, values))
+    for problem in problems:
+        print(f"orders-cdc: {problem}")
+    if not problems:
+        print(f"orders-cdc: ok: {args.properties} and the environment check out"
+              + ("" if args.skip_preflight else "; the stream, the lease table and every downstream resource answer"))
+    return 1 if problems else 0
 
 
 def _context(args: argparse.Namespace):
@@ -172,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_", metavar="POSITION",
                      help="start position for new leases: TRIM_HORIZON, LATEST or an ISO-8601 time")
     run.add_argument("--skip-preflight", action="store_true", help="do not check the stream and endpoints first")
+    run.add_argument("--check", action="store_true",
+                     help="check every setting, the properties file and every resource, print one line per problem, "
+                          "start nothing; exit 0 or 1")
     run.add_argument("--restart", action="store_true",
                      help="restart the daemon with backoff when it fails (local runs; in ECS the service replaces the task)")
     run.set_defaults(func=_cmd_run)

@@ -48,7 +48,17 @@ def jars_dir() -> Path:
 
 def effective_properties(settings: Settings, base_file: Path, executable: str | None = None) -> dict[str, str]:
     """app.properties, checked, with the environment's deployment values laid over it."""
-    entries = properties.parse(base_file.read_text(), str(base_file))
+    values, problems = checked_properties(settings, base_file, executable)
+    if problems:
+        raise SettingsError(problems[0])
+    return values
+
+
+def checked_properties(settings: Settings, base_file: Path,
+                       executable: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """The effective values, and one line per problem of the file or of what the environment
+    lays over it (each with the file's line number, where it has one)."""
+    entries, problems = properties.parse_all(base_file.read_text(), str(base_file))
     values = {key: entry.value for key, entry in entries.items()}
     values["executableName"] = executable or f"{sys.executable} {RECORD_PROCESSOR}"
     if settings.application_name:
@@ -66,8 +76,9 @@ def effective_properties(settings: Settings, base_file: Path, executable: str | 
         values["cloudWatchClient.endpointOverride"] = settings.endpoint("cloudwatch")
     if settings.initial_position is not None:
         properties.set_position(values, settings.initial_position)
-    properties.validate({k: properties.Entry(0, k, v) for k, v in values.items()}, str(base_file))
-    return values
+    merged = {k: properties.Entry(entries[k].line if k in entries and entries[k].value == v else 0, k, v)
+              for k, v in values.items()}
+    return values, problems + properties.check(merged, str(base_file))
 
 
 @dataclass(frozen=True)

@@ -64,23 +64,34 @@ class Entry:
 
 
 def parse(text: str, source: str = "app.properties") -> dict[str, Entry]:
+    entries, problems = parse_all(text, source)
+    if problems:
+        raise SettingsError(problems[0])
+    return entries
+
+
+def parse_all(text: str, source: str = "app.properties") -> tuple[dict[str, Entry], list[str]]:
+    """Every entry that parses, and one line per problem (with its line number)."""
     entries: dict[str, Entry] = {}
+    problems: list[str] = []
     for number, raw in enumerate(text.splitlines(), 1):
         stripped = raw.strip()
         if not stripped or stripped[0] in "#!":
             continue
         match = re.match(r"^\s*([^=:\s]+)\s*[=:]?\s*(.*)$", raw)
         if not match:
-            raise SettingsError(f"{source}:{number}: cannot parse {raw!r}")
+            problems.append(f"{source}:{number}: cannot parse {raw!r}")
+            continue
         key, value = match.group(1), match.group(2)
         if value != value.rstrip():
-            raise SettingsError(f"{source}:{number}: trailing spaces after {key}'s value (Java keeps them)")
-        if re.search(r"\s#", value):
-            raise SettingsError(f"{source}:{number}: {key} has an inline '#' comment; Java reads it as part of the value")
-        if key in entries:
-            raise SettingsError(f"{source}:{number}: {key} is set twice (first on line {entries[key].line})")
-        entries[key] = Entry(number, key, value)
-    return entries
+            problems.append(f"{source}:{number}: trailing spaces after {key}'s value (Java keeps them)")
+        elif re.search(r"\s#", value):
+            problems.append(f"{source}:{number}: {key} has an inline '#' comment; Java reads it as part of the value")
+        elif key in entries:
+            problems.append(f"{source}:{number}: {key} is set twice (first on line {entries[key].line})")
+        else:
+            entries[key] = Entry(number, key, value)
+    return entries, problems
 
 
 def _canonical(key: str) -> str:
@@ -88,26 +99,37 @@ def _canonical(key: str) -> str:
 
 
 def validate(entries: Mapping[str, Entry], source: str = "app.properties") -> None:
+    problems = check(entries, source)
+    if problems:
+        raise SettingsError(problems[0])
+
+
+def check(entries: Mapping[str, Entry], source: str = "app.properties") -> list[str]:
+    """One line per problem. An entry on line 0 came from the environment, not the file."""
+    problems = []
     for key, entry in entries.items():
+        where = f"{source}:{entry.line}" if entry.line else f"{source} (from the environment)"
         canonical = _canonical(key)
         if canonical not in KNOWN_KEYS and not canonical.startswith(NESTED_PREFIXES):
             close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6) or [
                 k for k in KNOWN_KEYS if k.lower() == key.lower()
             ]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SettingsError(f"{source}:{entry.line}: unknown key {key!r}{hint}; the daemon would silently ignore it")
+            problems.append(f"{where}: unknown key {key!r}{hint}; the daemon would silently ignore it")
+            continue
         allowed = _ENUMS.get(canonical)
         if allowed and entry.value.upper() not in allowed:
-            raise SettingsError(f"{source}:{entry.line}: {key}={entry.value!r}: expected one of {', '.join(allowed)}")
+            problems.append(f"{where}: {key}={entry.value!r}: expected one of {', '.join(allowed)}")
         if canonical in _NO_EFFECT_FALSE and entry.value.lower() == "false":
-            raise SettingsError(f"{source}:{entry.line}: {key}=false has no effect (the daemon skips Java defaults)")
+            problems.append(f"{where}: {key}=false has no effect (the daemon skips Java defaults)")
     if "initialPositionInStream" in entries and "initialPositionInStreamExtended" in entries:
-        raise SettingsError(f"{source}: set only one of initialPositionInStream and initialPositionInStreamExtended")
+        problems.append(f"{source}: set only one of initialPositionInStream and initialPositionInStreamExtended")
     for key in REQUIRED:
         if not any(_canonical(k) == key for k in entries):
-            raise SettingsError(f"{source}: {key} is missing")
+            problems.append(f"{source}: {key} is missing")
     if "streamName" not in entries and "streamArn" not in entries:
-        raise SettingsError(f"{source}: streamName (or streamArn) is missing")
+        problems.append(f"{source}: streamName (or streamArn) is missing")
+    return problems
 
 
 def set_position(values: dict[str, str], position: str | datetime) -> None:

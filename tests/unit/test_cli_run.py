@@ -73,3 +73,43 @@ def test_an_idempotency_ttl_shorter_than_the_streams_retention_is_refused(aws_en
                             tmp_path))
     assert line == ("orders-cdc: ORDERS_CDC_IDEMPOTENCY_TTL_SECONDS=3600 is shorter than the stream's retention"
                     " (86400 s): redelivered changes would be done twice")
+
+
+def check(env, properties_file):
+    proc = subprocess.run([sys.executable, "-m", "orders_cdc.cli", "run", "--check", "--properties", str(properties_file)],
+                          env=env, cwd=ROOT, capture_output=True, timeout=120)
+    return proc.returncode, proc.stdout.decode().splitlines()
+
+
+def test_run_check_passes_a_good_setup_and_starts_nothing(moto_resources, tmp_path):
+    names, _, _, env = moto_resources
+    code, lines = check({**env, "ORDERS_CDC_STREAM": names.stream}, ROOT / "app.properties")
+    assert (code, len(lines)) == (0, 1) and lines[0].startswith("orders-cdc: ok:"), lines
+
+
+def test_run_check_names_every_problem_with_its_line(moto_resources, tmp_path):
+    names, clients, created, env = moto_resources
+    text = (ROOT / "app.properties").read_text().splitlines()
+    text[22] = "idleTimeBetweenReadsInMilis = 250"  # misspelt, on line 23
+    text.append("maxRecords = 100 ")  # trailing space, a second maxRecords too
+    broken = tmp_path / "broken.properties"
+    broken.write_text("\n".join(text) + "\n")
+    code, lines = check({**env, "ORDERS_CDC_STREAM": names.stream}, broken)
+    assert code == 1
+    assert f"orders-cdc: {broken}:23: unknown key 'idleTimeBetweenReadsInMilis' (did you mean 'idleTimeBetweenReadsInMillis'?);" \
+           " the daemon would silently ignore it" in lines
+    assert f"orders-cdc: {broken}:{len(text)}: trailing spaces after maxRecords's value (Java keeps them)" in lines
+    assert len(lines) == 2, lines
+
+    clients.sqs.delete_queue(QueueUrl=created.queue_urls[names.refund_queue])
+    code, lines = check({**env, "ORDERS_CDC_STREAM": names.stream, "ORDERS_CDC_INVENTORY_TABLE": "Nope"},
+                        ROOT / "app.properties")
+    assert code == 1
+    assert sorted(lines) == ["orders-cdc: queue " + repr(names.refund_queue) + " does not exist",
+                             "orders-cdc: table 'Nope' does not exist"]
+
+
+def test_run_check_reports_a_bad_setting_in_one_line():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ORDERS_CDC_"))}
+    code, lines = check({**env, "AWS_REGION": "us-east-1", "ORDERS_CDC_MAX_ATTEMPTS": "many"}, ROOT / "app.properties")
+    assert (code, lines) == (1, ["orders-cdc: ORDERS_CDC_MAX_ATTEMPTS='many' is not an integer"])

@@ -250,7 +250,7 @@ def test_task_role_matches_the_polling_consumer_and_the_kcl_tables(template, res
     assert "${ApplicationName}-CoordinatorState" in others and "${ApplicationName}-WorkerMetricStats" in others
     assert "index/*" in json.dumps(by_sid["KclLeaseOwnerIndex"]["Resource"])
     assert by_sid["Emails"]["Condition"]["StringEquals"]["ses:FromAddress"] == {"Ref": "SenderEmail"}
-    assert _as_list(by_sid["Analytics"]["Action"]) == ["firehose:PutRecordBatch"]
+    assert _as_list(by_sid["Analytics"]["Action"]) == ["firehose:PutRecordBatch", "firehose:DescribeDeliveryStream"]
     # No access to the Orders table itself: the changes come through the stream.
     assert '"OrdersTable"' not in json.dumps(resources["TaskRole"])
 
