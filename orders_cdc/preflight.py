@@ -15,7 +15,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from orders_cdc.errors import SettingsError, error_code
+from orders_cdc.errors import Failure, SettingsError, classify, error_code
 from orders_cdc.settings import Settings
 
 _QUICK = Config(retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=3, read_timeout=5)
@@ -109,6 +109,8 @@ def _downstream(settings: Settings, session: boto3.session.Session) -> Iterator[
         except EndpointConnectionError as exc:
             yield f"{what}: cannot reach {exc.kwargs.get('endpoint_url', 'its endpoint')}"
         except ClientError as exc:
+            if classify(exc) is Failure.TRANSIENT:
+                continue  # a blip of the service, not a setting: the handlers retry it
             code = error_code(exc)
             missing = code in ("ResourceNotFoundException", "AWS.SimpleQueueService.NonExistentQueue",
                                "QueueDoesNotExist", "404", "NoSuchBucket")
