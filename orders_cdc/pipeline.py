@@ -380,7 +380,7 @@ class Pipeline:
                 log.error("dead-letter write failed", extra={"attempt": attempt, "error": describe(exc)})
                 if attempt == self.dead_letter_attempts:
                     raise FatalProcessingError(
-                        f"{len(letters)} record(s) could not be dead-lettered: {exc!r}"
+                        f"{len(letters)} record(s) could not be dead-lettered: {describe(exc)}"
                     ) from exc
                 self.sleep(self.retry.backoff(attempt))
             else:

@@ -176,7 +176,7 @@ def durably(what: str, fn: Callable[[], T], sleep: Callable[[float], None], atte
             raise
         except Exception as exc:  # noqa: BLE001
             if attempt == attempts or not is_transient(exc):
-                raise FatalProcessingError(f"could not {what}: {exc!r}") from exc
+                raise FatalProcessingError(f"could not {what}: {describe(exc)}") from exc
             log.warning("store call failed, retrying", extra={"what": what, "attempt": attempt, "error": describe(exc)})
             sleep(min(5.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")
