@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 M2 := $(CURDIR)/.kcl/m2
 STAMP := .local/stamps
 
-.PHONY: install run-local test test-fast test-integration test-faults bench local-down clean help
+.PHONY: install run-local test test-fast test-integration test-faults bench local-down clean help soak
 
 help:
 	@echo "make install | run-local | test | test-fast | test-integration | bench | local-down | clean"
@@ -54,6 +54,13 @@ test-fast: install
 
 test-integration: install
 	$(PY) -m pytest -m integration
+
+# The chaos soak (tests/faults/test_soak.py) for DURATION seconds of traffic and random faults;
+# SEED=n replays a run's faults. Prints its figures (`SOAK {...}`).
+soak: DURATION ?= 600
+soak: SEED ?=
+soak: install
+	ORDERS_CDC_SOAK_SECONDS=$(DURATION) ORDERS_CDC_SOAK_SEED=$(SEED) $(PY) -m pytest -m faults tests/faults/test_soak.py -k soak -s
 
 # Benchmarks (bench/): B1-B5, a table in the terminal and bench/results.json. Not tests:
 # nothing fails on speed. The bench extra (Powertools for B2, py-spy for B1's profile) is

@@ -55,6 +55,32 @@ class History:
                         item["cancel_reason"] = "customer request"
                     yield item
 
+    def absorb(self, other: History) -> None:
+        """Take `other`'s orders and versions into this history's oracle (a soak writes many
+        histories; their orders' ids must not collide)."""
+        assert not set(other.paths) & set(self.paths), "order ids collide"
+        self.paths.update(other.paths)
+        self.first.update(other.first)
+        self.versions += other.versions
+
+    def kds_changes(self, table: str, created_us: int) -> list[tuple[str, dict]]:
+        """Each order's changes as Kinesis-Data-Streams-for-DynamoDB documents (not written to
+        the table), in path order, one millisecond apart from `created_us`."""
+        from tests.factories import kds_record
+
+        docs: list[tuple[str, dict]] = []
+        for oid, path in self.paths.items():
+            previous = None
+            for step, status in enumerate(path):
+                item = dict(self.first[oid], status=status)
+                if status == "shipped":
+                    item["tracking_number"] = f"1Z{oid}"
+                doc = kds_record("MODIFY" if previous else "INSERT", new=item, old=previous, keys={"order_id": oid},
+                                 created_us=created_us + step * 1000, table=table)
+                docs.append((oid, doc))
+                previous = item
+        return docs
+
     def write(self, run: LocalRun, rate: float = 40.0, on_step: Callable[[int], None] | None = None) -> None:
         ddb = run.client("dynamodb")
         for n, item in enumerate(self.steps()):
@@ -105,16 +131,34 @@ class Observed:
     dead_letters: list[dict]
 
 
-def observe(run: LocalRun, prefix: str) -> Observed:
+_objects: dict[tuple[str, str, str], bytes] = {}  # Firehose's S3 objects are written once: read each once
+
+
+def observe(run: LocalRun, prefix: str, ses_proxy=None) -> Observed:
+    """What the stack holds for the orders of `prefix`. With `ses_proxy` (a FaultProxy every
+    SES call went through), the emails are the SendEmails SES answered 200, read from the
+    proxy: moto's only list of sent emails is its whole state (/moto-api/data.json), which
+    grows with every item it ever held and blocks every other request while it is built."""
     s3, bucket = run.client("s3"), run.cfg.names.analytics_bucket
     changes = Counter()
-    for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
-        for line in s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().splitlines():
-            event = json.loads(line, parse_float=Decimal) if line.strip() else {}
-            if event.get("record_type") == "analytics" and event["keys"].get("order_id", "").startswith(prefix):
-                changes[(event["keys"]["order_id"], event["item"].get("status"))] += 1
-    data = _moto_state(run.stack.endpoints["ses"])
-    emails = Counter(m["subject"] for m in data.get("ses", {}).get("Message", []) if f" {prefix}-" in m["subject"])
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            cached = (run.stack.endpoints["s3"], bucket, obj["Key"])
+            if cached not in _objects:
+                _objects[cached] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            for line in _objects[cached].splitlines():
+                event = json.loads(line, parse_float=Decimal) if line.strip() else {}
+                if event.get("record_type") == "analytics" and event["keys"].get("order_id", "").startswith(prefix):
+                    changes[(event["keys"]["order_id"], event["item"].get("status"))] += 1
+    if ses_proxy is not None:
+        from tests.faults.proxy import ses_subject
+
+        with ses_proxy.lock:
+            sent = [ses_subject(r.body) for r in ses_proxy.requests if r.action == "SendEmail" and r.status == 200]
+        emails = Counter(s for s in sent if s and f" {prefix}-" in s)
+    else:
+        data = _moto_state(run.stack.endpoints["ses"])
+        emails = Counter(m["subject"] for m in data.get("ses", {}).get("Message", []) if f" {prefix}-" in m["subject"])
     sqs = run.client("sqs")
     url = sqs.get_queue_url(QueueName=run.cfg.names.refund_queue)["QueueUrl"]
     refunds = _all_messages(sqs, url, lambda body: body.get("order_id"))
@@ -169,10 +213,11 @@ def _scan(ddb, table: str) -> list[dict]:
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
-def caught_up(run: LocalRun, history: History, timeout: float = 240) -> Observed:
-    """Wait until every change's reactions are visible, then a little longer for stragglers."""
+def caught_up(run: LocalRun, history: History, timeout: float = 240, ses_proxy=None) -> Observed:
+    """Wait until every change's reactions are visible, then a little longer for stragglers.
+    `ses_proxy`: see `observe`."""
     def done():
-        seen = observe(run, history.prefix)
+        seen = observe(run, history.prefix, ses_proxy)
         complete = (set(seen.changes) >= history.expected_changes()
                     and all(seen.emails[s] >= n for s, n in history.expected_emails().items())
                     and all(seen.refunds[o] >= n for o, n in history.expected_refunds().items()))
@@ -180,10 +225,53 @@ def caught_up(run: LocalRun, history: History, timeout: float = 240) -> Observed
 
     wait_until(done, timeout, 2.0, "every reaction of the history")
     time.sleep(5)  # duplicates, if any, arrive after the first copy
-    return observe(run, history.prefix)
+    return observe(run, history.prefix, ses_proxy)
 
 
-def report(name: str, history: History, seen: Observed, **extra) -> dict:
+def duplicated_and_reordered(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """What KDS-for-DDB may deliver: every change twice, each order's last two changes swapped
+    (the newer one first)."""
+    stream: list[tuple[str, dict]] = []
+    for oid in dict.fromkeys(o for o, _ in docs):
+        mine = [d for o, d in docs if o == oid]
+        mine[-2], mine[-1] = mine[-1], mine[-2]
+        stream += [(oid, d) for d in mine for _ in (0, 1)]
+    return stream
+
+
+def put_changes(run: LocalRun, stream: list[tuple[str, dict]]) -> None:
+    """Put change documents straight onto the Kinesis stream, each under its order's partition
+    key (as the KDS-for-DDB bridge does), 100 a call, in order."""
+    import orjson
+
+    from orders_cdc.local.bridge import partition_key
+
+    put_records(run, [(orjson.dumps(d), partition_key({"order_id": {"S": oid}})) for oid, d in stream])
+
+
+def put_records(run: LocalRun, records: list[tuple[bytes, str]]) -> list[str]:
+    """Put (data, partition key) records onto the stream, 100 a call, in order; a record the
+    stream refused (throttled) is put again. Returns each record's sequence number."""
+    kinesis, out = run.client("kinesis"), []
+    for start in range(0, len(records), 100):
+        chunk = records[start:start + 100]
+        for attempt in range(20):
+            reply = kinesis.put_records(StreamName=run.cfg.names.stream, Records=[
+                {"Data": data, "PartitionKey": key} for data, key in chunk])
+            if not reply.get("FailedRecordCount"):
+                break
+            # Put the rest again from the first refused one, so the order holds.
+            first = next(i for i, r in enumerate(reply["Records"]) if "ErrorCode" in r)
+            out += [r["SequenceNumber"] for r in reply["Records"][:first]]
+            chunk = chunk[first:]
+            time.sleep(0.2 * (attempt + 1))
+        else:
+            raise AssertionError(f"the stream kept refusing records: {reply}")
+        out += [r["SequenceNumber"] for r in reply["Records"]]
+    return out
+
+
+def counts_of(name: str, history: History, seen: Observed, **extra) -> dict:
     expected_emails, expected_refunds = history.expected_emails(), history.expected_refunds()
     counts = {
         "scenario": name,
@@ -198,13 +286,23 @@ def report(name: str, history: History, seen: Observed, **extra) -> dict:
         "dead_letters": len(seen.dead_letters),
         **extra,
     }
+    return counts
+
+
+def emit(tag: str, counts: dict) -> None:
+    """Print `TAG {json}` and append the counts to COUNTS_FILE."""
     line = json.dumps(counts, default=str)
-    print(f"\nFAULT {line}")
+    print(f"\n{tag} {line}")
     # Also kept on disk (pytest shows a passing test's output only with -rP): the last
     # runs' counts and recovery times, for the README and the closing notes.
     COUNTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     with COUNTS_FILE.open("a") as out:
         out.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **counts}, default=str) + "\n")
+
+
+def report(name: str, history: History, seen: Observed, **extra) -> dict:
+    counts = counts_of(name, history, seen, **extra)
+    emit("FAULT", counts)
     return counts
 
 
@@ -287,6 +385,51 @@ def connections_to(pid: int, port: int) -> set[int]:
             if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) == port:
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+@dataclass
+class Kill:
+    """A kill -9 with its victims' calls in flight: which local ports each frozen process had
+    open to each proxy just before the kill (`ports`), and when (`at`, time.monotonic())."""
+    at: float
+    pid: int
+    ports: dict[str, set[int]]
+
+    def calls_in_flight(self, proxies: dict, since: float | None = None) -> dict[str, list]:
+        """Each proxy's requests that came from the frozen processes' open connections: their
+        calls in flight at the kill. The proxies answer HTTP/1.0 (one request a connection), so
+        an open connection is a call not yet answered, or answered and not yet read; a request
+        that arrives up to 1 s after the kill was already sent. `since` (seconds before the
+        kill) bounds how far back a port may match, for runs long enough to reuse ports."""
+        return {name: [r for r in proxy.requests if r.client_port in self.ports[name]
+                       and r.arrived <= self.at + 1 and (since is None or r.arrived >= self.at - since)]
+                for name, proxy in proxies.items()}
+
+
+def freeze_and_kill(victim: int, proxies: dict, frozen: list[int] | None = None) -> Kill:
+    """SIGSTOP `frozen` (default: the victim alone; e.g. a JVM's Python children when the
+    victim is the JVM), note their open connections to each proxy (their calls in flight
+    now), kill -9 the victim, and let the others go on (SIGCONT)."""
+    import os
+    import signal
+
+    frozen = [victim] if frozen is None else frozen
+    for pid in frozen:
+        try:
+            os.kill(pid, signal.SIGSTOP)  # frozen: its connections now are its calls in flight
+        except ProcessLookupError:  # it has just exited: no calls of its own in flight
+            pass
+    try:
+        ports = {name: set().union(*(connections_to(pid, p.port) for pid in frozen)) for name, p in proxies.items()}
+        os.kill(victim, signal.SIGKILL)
+        return Kill(time.monotonic(), victim, ports)
+    finally:
+        for pid in frozen:
+            if pid != victim:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
 
 
 def lease_owners(run: LocalRun) -> dict[str, str]:

@@ -1,12 +1,15 @@
 """A fault-injecting HTTP proxy in front of one moto service: forwards requests, or, while
-`failing` is set, answers 503 ServiceUnavailable like an AWS outage. Binds 127.0.0.1.
+`failing` is set, answers 503 ServiceUnavailable like an AWS outage, and while `throttling` is
+set, answers 400 Throttling "Maximum sending rate exceeded." as SES does past its sending
+rate (neither is forwarded: the service does nothing). Binds 127.0.0.1.
 
 It can also slow the service down: `delay(body)` gives the seconds to wait before a request
 is forwarded (a slow downstream, or, for the requests it picks, a hung call). Every request
 is recorded (`requests`: when it arrived and when its forwarding ended) with the number in
 flight at once (`in_flight`, `most_in_flight`); `on_arrival(proxy, request)` runs in the
 request's thread as it arrives, before any delay. A request whose client has gone (killed)
-is still forwarded, as the real service would still act on it."""
+is still forwarded, as the real service would still act on it. Each request keeps the HTTP
+status it was answered with (`status`: the upstream's, or the injected 503/400)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _OUTAGE = (b'<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code>'
            b'<Message>injected outage</Message></Error><RequestId>fault</RequestId></ErrorResponse>')
+_THROTTLED = (b'<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code>'
+              b'<Message>Maximum sending rate exceeded.</Message></Error><RequestId>fault</RequestId></ErrorResponse>')
 
 
 @dataclass(eq=False)
@@ -32,6 +37,7 @@ class Request:
     delay: float
     finished: float | None = None  # forwarded and answered by the upstream (or refused)
     action: str = ""  # the API call: X-Amz-Target's operation (JSON protocols) or Action= (query)
+    status: int | None = None  # the HTTP status it was answered with (None: not answered yet)
 
     def in_flight_at(self, t: float) -> bool:
         return self.arrived <= t and (self.finished is None or self.finished > t)
@@ -63,6 +69,8 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.failing = threading.Event()
         self.refused = 0
+        self.throttling = threading.Event()
+        self.throttled = 0
         self.delay = delay or (lambda body: 0.0)
         self.on_arrival = on_arrival
         self.lock = threading.Lock()
@@ -89,7 +97,13 @@ class FaultProxy:
                     proxy.on_arrival(proxy, request)
                 if proxy.failing.is_set():
                     proxy.refused += 1
+                    request.status = 503
                     self._reply(503, _OUTAGE, "text/xml")
+                    return
+                if proxy.throttling.is_set():
+                    proxy.throttled += 1
+                    request.status = 400
+                    self._reply(400, _THROTTLED, "text/xml")
                     return
                 if request.delay > 0:
                     time.sleep(request.delay)
@@ -100,7 +114,7 @@ class FaultProxy:
                         status, payload, kind = reply.status, reply.read(), reply.headers.get("Content-Type", "text/xml")
                 except urllib.error.HTTPError as exc:
                     status, payload, kind = exc.code, exc.read(), exc.headers.get("Content-Type", "text/xml")
-                request.finished = time.monotonic()  # the upstream has acted on it
+                request.finished, request.status = time.monotonic(), status  # the upstream has acted on it
                 self._reply(status, payload, kind)
 
             def _reply(self, status, payload, content_type):

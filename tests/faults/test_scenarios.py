@@ -20,7 +20,8 @@ from orders_cdc.local.bridge import partition_key
 from orders_cdc.local.runner import wait_until
 from tests.factories import kds_record
 from tests.faults.harness import (
-    PATHS, History, assert_exact, caught_up, child_pids, connections_to, jvm_pid, lease_owners, observe, report,
+    PATHS, History, assert_exact, caught_up, child_pids, connections_to, duplicated_and_reordered, freeze_and_kill,
+    jvm_pid, lease_owners, observe, put_changes, report,
 )
 
 pytestmark = pytest.mark.faults
@@ -102,28 +103,10 @@ def test_duplicated_and_reordered_changes(fault_run):
     """KDS-for-DDB may deliver a change twice and out of order: effects stay exact."""
     run = fault_run()
     history = History(orders=12, prefix="dup")
-    kinesis = run.client("kinesis")
-    docs: list[tuple[str, dict]] = []
-    created = 1_795_000_000_000_000
-    for oid, path in history.paths.items():
-        previous = None
-        for step, status in enumerate(path):
-            item = dict(history.first[oid], status=status)
-            if status == "shipped":
-                item["tracking_number"] = f"1Z{oid}"
-            doc = kds_record("MODIFY" if previous else "INSERT", new=item, old=previous, keys={"order_id": oid},
-                             created_us=created + step * 1000, table=run.cfg.names.orders_table)
-            docs.append((oid, doc))
-            previous = item
+    docs = history.kds_changes(run.cfg.names.orders_table, created_us=1_795_000_000_000_000)
     # Every change twice; each order's last two changes swapped (the newer one first).
-    stream: list[tuple[str, dict]] = []
-    for oid in history.paths:
-        mine = [d for o, d in docs if o == oid]
-        mine[-2], mine[-1] = mine[-1], mine[-2]
-        stream += [(oid, d) for d in mine for _ in (0, 1)]
-    for start in range(0, len(stream), 100):
-        kinesis.put_records(StreamName=run.cfg.names.stream, Records=[
-            {"Data": orjson.dumps(d), "PartitionKey": partition_key({"order_id": {"S": oid}})} for oid, d in stream[start:start + 100]])
+    stream = duplicated_and_reordered(docs)
+    put_changes(run, stream)
     history.versions = [d for _, d in docs]
     seen = caught_up(run, history, timeout=300)
     counts = report("duplicated and reordered", history, seen, delivered=len(stream))
@@ -273,10 +256,8 @@ def test_kill_9_of_the_child_with_many_calls_in_flight_against_a_slow_downstream
             if "at" in kill:
                 return
             pid = max(list(children), key=lambda p: len(connections_to(p, ses.port)))
-            os.kill(pid, signal.SIGSTOP)  # frozen: its connections now are its calls in flight
-            ports = {name: connections_to(pid, p.port) for name, p in proxies.items()}
-            os.kill(pid, signal.SIGKILL)
-            kill.update(at=time.monotonic(), pid=pid, ports=ports, proxy_in_flight=len(flying))
+            killed = freeze_and_kill(pid, proxies)
+            kill.update(at=killed.at, pid=pid, killed=killed, proxy_in_flight=len(flying))
 
     ses.on_arrival = kill_at_a_fresh_burst
     # Short leases, so the retry of a send the kill interrupted comes within the scenario
@@ -298,11 +279,7 @@ def test_kill_9_of_the_child_with_many_calls_in_flight_against_a_slow_downstream
     wait_until(lambda: "at" in kill, 180, 0.5, "a burst of >= 4 SES calls in flight, and the kill")
     time.sleep(1)  # what the killed child had sent reaches the proxy
 
-    def from_killed(name):  # its calls in flight at the kill (a port is not reused so soon)
-        return [r for r in proxies[name].requests
-                if r.client_port in kill["ports"][name] and r.arrived <= kill["at"] + 1]
-
-    at_kill = {name: from_killed(name) for name in proxies}
+    at_kill = kill["killed"].calls_in_flight(proxies)  # (a port is not reused so soon)
     seen = caught_up(run, history, timeout=240)
     counts = report("kill -9 child, slow downstream", history, seen,
                     **{f"{name}_in_flight_at_kill": Counter(r.action for r in rs) for name, rs in at_kill.items()},
