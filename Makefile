@@ -10,7 +10,7 @@ STAMP := .local/stamps
 .PHONY: install run-local test test-fast test-integration test-faults bench local-down clean help soak
 
 help:
-	@echo "make install | run-local | test | test-fast | test-integration | bench | local-down | clean"
+	@echo "make install | run-local | test | test-fast | test-integration | bench | soak | local-down | clean"
 
 install: $(STAMP)/venv $(STAMP)/localstack
 
