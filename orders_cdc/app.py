@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +15,7 @@ from orders_cdc.checkpointing import CheckpointPolicy
 from orders_cdc.concurrency import CallPool
 from orders_cdc.consumer import ChangeProcessor
 from orders_cdc.deadletter import SqsDeadLetterSink
+from orders_cdc.errors import SettingsError
 from orders_cdc.idempotency.dynamodb import DynamoDbIdempotencyStore
 from orders_cdc.pipeline import Pipeline
 from orders_cdc.ratelimit import TokenBucket
@@ -93,15 +95,24 @@ class Context:
     ses_rate: TokenBucket | None = None  # this worker's share of the account's SES sending quota
 
 
-def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
-    """The record path, shared by the daemon's children and `orders-cdc dlq redrive`."""
+def build_pipeline(settings: Settings, clients: Clients, routes: Collection[str] | None = None,
+                   key_namespace: str = "") -> Pipeline:
+    """The record path, shared by the daemon's children, `orders-cdc dlq redrive` and
+    `orders-cdc replay` (which may keep only some `routes`, by name; see `route_names`)."""
     from processors import all_routes
 
+    chosen = all_routes(settings.resources)
+    if routes is not None:
+        unknown = set(routes) - {r.name for r in chosen}
+        if unknown:
+            raise SettingsError(f"unknown route(s) {', '.join(sorted(unknown))}; the routes are: "
+                                f"{', '.join(route_names(settings))}")
+        chosen = [r for r in chosen if r.name in routes]
     rate = settings.ses_max_send_rate
     ctx = Context(settings, clients, TokenBucket(rate, burst=rate) if rate else None)
     table = settings.resources.idempotency_table
     return Pipeline(
-        router=Router(all_routes(settings.resources)),
+        router=Router(chosen),
         ctx=ctx,
         dead_letters=SqsDeadLetterSink(clients.sqs, clients.queue_url(settings.resources.dlq_queue), clients.s3,
                                        settings.resources.dead_letter_bucket),
@@ -117,7 +128,14 @@ def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
         pool=CallPool(capacity=settings.max_in_flight),
         handler_timeout_seconds=settings.handler_timeout_seconds,
         batch_deadline_seconds=settings.batch_deadline_seconds,
+        key_namespace=key_namespace,
     )
+
+
+def route_names(settings: Settings) -> list[str]:
+    from processors import all_routes
+
+    return [r.name for r in all_routes(settings.resources)]
 
 
 # The cyclic GC, tuned for a batch processor. A batch is ~100 container objects per record,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import time
 from pathlib import Path
 
 from orders_cdc import logs, settings as settings_module
@@ -113,22 +115,127 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from orders_cdc import leases
+    from orders_cdc import replay
+    from orders_cdc.app import Clients, build_pipeline
+    from orders_cdc.leases import retention_hours
 
-    when = settings_module.parse_position(args.from_, "--from")
-    if not hasattr(when, "timestamp"):
-        raise SettingsError("--from needs a time (ISO-8601 or epoch seconds); for TRIM_HORIZON use a new application name")
-    _, values, kinesis, dynamodb, stream, table = _context(args)
-    leases.check_within_retention(kinesis, stream, when)
-    if not args.force:
+    settings, _, kinesis, _, stream, _ = _context(args)
+    now = replay.now_utc()
+    start = replay.parse_time(args.from_, "--from", now)
+    end = replay.parse_time(args.to, "--to", now) if args.to else None
+    if not 0 < args.read_share <= 1:
+        raise SettingsError(f"--read-share {args.read_share:g}: give a share of the shard's 5 reads/s, in (0, 1]")
+    window = replay.check_window(start, end, now=now, retention_hours=retention_hours(kinesis, stream),
+                                 ttl_seconds=settings.idempotency_ttl_seconds, force=args.force)
+    plan = replay.choose_shards(replay.list_shards(kinesis, stream), args.shard)
+    clients = Clients(settings)
+    namespace = f"force@{window.start.isoformat()}#" if args.force else ""
+
+    def new_pipeline():
+        return build_pipeline(settings, clients, args.routes, key_namespace=namespace)
+
+    new_pipeline()  # a bad --routes fails here, before anything is read
+    if args.force and not args.dry_run:
+        sys.stderr.write("orders-cdc: --force: EVERY reaction in the window runs again, those already done included: "
+                         "emails are sent again, refunds requested again, counters added again.\n")
+    job = replay.Replay(kinesis, stream, window, plan, new_pipeline, dry_run=args.dry_run,
+                        read_share=args.read_share, parallel=args.parallel)
+    log.info("replay", extra={"from": window.start.isoformat(), "to": window.end.isoformat(), "shards": len(plan),
+                              "routes": args.routes or "all", "dry_run": args.dry_run, "force": args.force})
+    try:
+        with _replay_progress(job, args.progress) as on_progress:
+            job.on_progress = on_progress
+            tally = job.run()
+    except replay.ReplayFailed as exc:
+        from orders_cdc.errors import describe
+
+        left = ", ".join(f"{p.shard} at {p.position.isoformat() if p.position else window.start.isoformat()}"
+                         for p in exc.progress.values() if not p.finished)
+        sys.stderr.write(f"orders-cdc: replay stopped: shard {exc.shard}: {describe(exc.cause)}; not finished: {left}. "
+                         f"Run it again with the same --from: what was done is found done, not repeated.\n")
+        _replay_summary(job.tally, window, args)
+        return 1
+    _replay_summary(tally, window, args)
+    return 0
+
+
+def _replay_progress(job, mode: str):
+    """A rich progress bar on stderr (records, shards, rate, how far behind the tip, ETA)."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from orders_cdc.replay import fraction_done
+
+    console = Console(stderr=True)
+    if mode == "off" or (mode == "auto" and not console.is_terminal):
+        return contextlib.nullcontext(lambda progress, tally: None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=console, transient=False)
+    task = bar.add_task("replay", total=1000, detail="")
+    started = time.monotonic()
+
+    def on_progress(progress, tally) -> None:
+        behind = max((p.millis_behind or 0) for p in progress.values() if not p.finished) \
+            if any(not p.finished for p in progress.values()) else 0
+        rate = tally.records / max(time.monotonic() - started, 1e-6)
+        bar.update(task, completed=1000 * fraction_done(progress, job.window),
+                   detail=f"{tally.records} records, {len(tally.shards_done)}/{len(progress)} shards, "
+                          f"{rate:,.0f}/s, {behind / 1000:,.0f} s behind the tip")
+
+    @contextlib.contextmanager
+    def running():
+        with bar:
+            yield on_progress
+
+    return running()
+
+
+def _replay_summary(tally, window, args: argparse.Namespace) -> None:
+    import orjson
+
+    doc = {"from": window.start.isoformat(), "to": window.end.isoformat(), "dry_run": args.dry_run,
+           "force": args.force} | tally.as_dict()
+    if args.json:
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = (f"{'would replay' if args.dry_run else 'replayed'} {tally.records} record(s) of "
+             f"{len(tally.shards_done)} shard(s), {window.start.isoformat()} to {window.end.isoformat()}")
+    table = Table(title=title)
+    columns = sorted({o for outcomes in doc["routes"].values() for o in outcomes})
+    table.add_column("route")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for route, outcomes in doc["routes"].items():
+        table.add_row(route, *(str(outcomes.get(c, 0)) for c in columns))
+    console.print(table)
+    console.print("records: " + ", ".join(f"{k} {v}" for k, v in doc["outcomes"].items()) + "; events: "
+                  + ", ".join(f"{k} {v}" for k, v in doc["events"].items()))
+
+
+def _cmd_rewind(args: argparse.Namespace) -> int:
+    from orders_cdc import leases, replay
+
+    settings, values, kinesis, dynamodb, stream, table = _context(args)
+    now = replay.now_utc()
+    when = replay.parse_time(args.from_, "--from", now)
+    replay.check_window(when, None, now=now, retention_hours=leases.retention_hours(kinesis, stream),
+                        ttl_seconds=settings.idempotency_ttl_seconds, force=args.force)
+    if not args.skip_running_check:
         failover = int(values.get("failoverTimeMillis", "10000")) / 1000
         log.info("checking that no worker is running", extra={"seconds": failover})
         live = leases.renewing_workers(dynamodb, table, failover)
         if live:
             raise SettingsError(f"workers are running ({', '.join(sorted(set(live.values())))}): stop every worker first")
     current = leases.read_leases(dynamodb, table)
-    leases.reset_to_timestamp(dynamodb, table, current)
-    sys.stderr.write(f"{len(current)} lease(s) of {table} set to AT_TIMESTAMP.\n"
+    changed = leases.reset_to_timestamp(dynamodb, table, current)
+    sys.stderr.write(f"{changed} lease(s) of {table} set to AT_TIMESTAMP ({len(current) - changed} already were).\n"
                      f"Start the workers with: orders-cdc run --from {when.isoformat()}\n"
                      f"(or ORDERS_CDC_INITIAL_POSITION={when.isoformat()}). Side effects already done are not "
                      f"repeated while their idempotency records live; analytics and audit copies are sent again.\n")
@@ -209,13 +316,41 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object per shard")
     status.set_defaults(func=_cmd_status)
 
-    replay = sub.add_parser("replay", help="re-deliver the stream from a time within its retention",
-                            description="With every worker stopped, point all leases at AT_TIMESTAMP; then start the "
-                                        "workers with `orders-cdc run --from TIME`.")
-    replay.add_argument("--from", dest="from_", metavar="TIME", required=True, help="ISO-8601 time or epoch seconds")
+    replay = sub.add_parser(
+        "replay", help="send a window of the stream through the pipeline again, beside the live consumer",
+        description="Read the stream from --from (to --to, or the tip), every shard, parents before children, and "
+                    "send it through the same pipeline and idempotency store as the consumer: what was done is "
+                    "found done. TIME: ISO-8601 with a zone, epoch seconds, or relative (-2h, -30m, -1d).")
+    replay.add_argument("--from", dest="from_", metavar="TIME", required=True)
+    replay.add_argument("--to", metavar="TIME", help="stop before this arrival time (default: the tip at the start)")
+    replay.add_argument("--shard", nargs="+", metavar="ID", help="only these shards")
+    replay.add_argument("--routes", nargs="+", metavar="NAME", help="only these routes (e.g. notification.shipped_email)")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="read and route only: print what would run and what is already done; no side effect")
+    replay.add_argument("--force", action="store_true",
+                        help="run reactions again even when done before (emails, refunds, counters!), and accept "
+                             "a --from older than the idempotency records' TTL")
+    replay.add_argument("--read-share", type=float, default=0.2, metavar="SHARE",
+                        help="share of each shard's 5 GetRecords/s to use (default 0.2: 1 read/s of up to 1,000 "
+                             "records; the live consumer polls up to 4/s when idle)")
+    replay.add_argument("--parallel", type=int, default=4, metavar="N", help="shards read at once (default 4)")
+    replay.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                        help="progress bar on stderr (auto: when it is a terminal)")
+    replay.add_argument("--json", action="store_true", help="the summary as one JSON object")
     replay.add_argument("--properties", default="app.properties")
-    replay.add_argument("--force", action="store_true", help="skip the check that no worker is running")
     replay.set_defaults(func=_cmd_replay)
+
+    rewind = sub.add_parser("rewind", help="with every worker stopped, restart the consumer itself from a time",
+                            description="Point every lease at AT_TIMESTAMP (all or nothing per 100 leases; run it "
+                                        "again to finish one that failed part-way); then start the workers with "
+                                        "`orders-cdc run --from TIME`.")
+    rewind.add_argument("--from", dest="from_", metavar="TIME", required=True,
+                        help="ISO-8601 time with a zone, epoch seconds, or relative (-2h)")
+    rewind.add_argument("--skip-running-check", action="store_true",
+                        help="do not wait a failover period to check that no worker renews its leases")
+    rewind.add_argument("--force", action="store_true", help="accept a time older than the idempotency records' TTL")
+    rewind.add_argument("--properties", default="app.properties")
+    rewind.set_defaults(func=_cmd_rewind)
 
     dlq = sub.add_parser("dlq", help="list or redrive dead-lettered records",
                          description="Dead letters hold the original record, the reason, the attempts, shard and sequence.")
@@ -238,9 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _relative_times(argv: list[str]) -> list[str]:
+    """`--from -2h` as `--from=-2h`: argparse takes a value that starts with '-' for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--from", "--to") and re.fullmatch(r"-\d.*", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_relative_times(list(sys.argv[1:] if argv is None else argv)))
     logs.setup("INFO", component="cli")
     try:
         return args.func(args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError
 
@@ -56,29 +55,42 @@ def renewing_workers(dynamodb, table: str, failover_seconds: float, sleep=time.s
             if lease.shard_id in before and lease.counter != before[lease.shard_id].counter}
 
 
-def reset_to_timestamp(dynamodb, table: str, leases: list[Lease]) -> None:
-    """Point every lease at AT_TIMESTAMP. The daemon then opens its iterator at the
-    configured initialPositionInStreamExtended time (`orders-cdc run --from TIME`).
+def reset_to_timestamp(dynamodb, table: str, leases: list[Lease]) -> int:
+    """Point every lease at AT_TIMESTAMP; the daemon then opens its iterator at the configured
+    initialPositionInStreamExtended time (`orders-cdc run --from TIME`). Returns how many
+    leases it changed.
 
-    Conditional on the counter we read: a worker that renewed meanwhile wins, and we stop.
+    All or nothing per 100 leases (one TransactWriteItems, each item conditional on the
+    counter we read: a worker that renewed meanwhile cancels the transaction), and
+    resumable: a lease already at AT_TIMESTAMP is left alone, so running it again after a
+    failure finishes the job.
     """
-    for lease in leases:
+    todo = [lease for lease in leases if lease.checkpoint != "AT_TIMESTAMP"]
+    for start in range(0, len(todo), 100):
+        chunk = todo[start:start + 100]
         try:
-            dynamodb.update_item(
-                TableName=table,
-                Key={"leaseKey": {"S": lease.shard_id}},
-                UpdateExpression="SET #cp = :ts, #sub = :zero REMOVE #pcp, #psub",
-                ConditionExpression="#counter = :counter",
-                ExpressionAttributeNames={"#cp": "checkpoint", "#sub": "checkpointSubSequenceNumber",
-                                          "#pcp": "pendingCheckpoint", "#psub": "pendingCheckpointSubSequenceNumber",
-                                          "#counter": "leaseCounter"},
-                ExpressionAttributeValues={":ts": {"S": "AT_TIMESTAMP"}, ":zero": {"N": "0"},
-                                           ":counter": {"N": str(lease.counter)}},
-            )
+            dynamodb.transact_write_items(TransactItems=[{"Update": {
+                "TableName": table,
+                "Key": {"leaseKey": {"S": lease.shard_id}},
+                "UpdateExpression": "SET #cp = :ts, #sub = :zero REMOVE #pcp, #psub",
+                "ConditionExpression": "#counter = :counter",
+                "ExpressionAttributeNames": {"#cp": "checkpoint", "#sub": "checkpointSubSequenceNumber",
+                                             "#pcp": "pendingCheckpoint",
+                                             "#psub": "pendingCheckpointSubSequenceNumber",
+                                             "#counter": "leaseCounter"},
+                "ExpressionAttributeValues": {":ts": {"S": "AT_TIMESTAMP"}, ":zero": {"N": "0"},
+                                              ":counter": {"N": str(lease.counter)}},
+            }} for lease in chunk])
         except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                raise SettingsError(f"lease {lease.shard_id} changed while resetting it: stop every worker first") from None
-            raise
+            if error_code(exc) != "TransactionCanceledException":
+                raise
+            reasons = exc.response.get("CancellationReasons", [])
+            moved = [lease.shard_id for lease, r in zip(chunk, reasons) if r.get("Code") == "ConditionalCheckFailed"]
+            raise SettingsError(
+                f"lease(s) {', '.join(moved) or '?'} changed while resetting: is a worker running? "
+                f"{start} of {len(todo)} lease(s) reset, {len(leases) - len(todo)} already were; "
+                f"stop every worker and run this again to finish") from None
+    return len(todo)
 
 
 def millis_behind(kinesis, stream: str, lease: Lease) -> int | None:
@@ -96,10 +108,11 @@ def millis_behind(kinesis, stream: str, lease: Lease) -> int | None:
     return reply.get("MillisBehindLatest")
 
 
-def check_within_retention(kinesis, stream: str, when: datetime) -> None:
-    hours = kinesis.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]["RetentionPeriodHours"]
-    oldest = datetime.now(timezone.utc).timestamp() - hours * 3600
-    if when.timestamp() < oldest:
-        raise SettingsError(f"{when.isoformat()} is older than the stream's {hours} h retention: those records are gone")
-    if when > datetime.now(timezone.utc):
-        raise SettingsError(f"{when.isoformat()} is in the future")
+def retention_hours(kinesis, stream: str) -> int:
+    try:
+        summary = kinesis.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]
+    except ClientError as exc:
+        if error_code(exc) == "ResourceNotFoundException":
+            raise SettingsError(f"stream {stream!r} not found") from None
+        raise
+    return summary["RetentionPeriodHours"]

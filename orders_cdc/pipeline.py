@@ -54,7 +54,7 @@ from orders_cdc.outcomes import Outcome, RecordResult
 from orders_cdc.retry import RetryPolicy, Verdict, decide
 from orders_cdc.routing import Idempotency, Route, Router
 
-__all__ = ["Outcome", "Pipeline", "RecordResult"]
+__all__ = ["Outcome", "Pipeline", "Preview", "RecordResult"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,16 @@ class _Record:
         self.letter = (exc, max(before, attempts), routes + ([route] if route else []))
         if route and self.routed is not None:
             self.routed[route] = Outcome.DEAD_LETTERED
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """`Pipeline.preview` of one record: its event name (None: it does not decode), route ->
+    already done, and why it would be dead-lettered."""
+
+    event: str | None
+    routes: dict[str, bool]
+    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -128,6 +138,9 @@ class Pipeline:
     pool: Pool = field(default_factory=CallPool)
     handler_timeout_seconds: float = 60.0
     batch_deadline_seconds: float = 240.0  # below the daemon's timeoutInSeconds (300)
+    # Prefixes every idempotency key: a forced replay (`orders-cdc replay --force`) runs each
+    # reaction again, once, under keys of its own.
+    key_namespace: str = ""
     _breakers: dict[str, CircuitBreaker] = field(default_factory=dict, init=False, repr=False)
     _guard: IdempotencyGuard = field(init=False, repr=False)
     _shard: str = field(default="", init=False, repr=False)
@@ -156,6 +169,20 @@ class Pipeline:
         if letters:
             self._send_dead_letters(letters)
         return [_result(r) for r in batch]
+
+    def preview(self, records: Sequence[dict], shard_id: str) -> list[Preview]:
+        """What `process` would do with the batch, with no side effect: decode, route, and
+        look up (read only) which reactions are already done."""
+        batch = [_Record(i, raw) for i, raw in enumerate(records)]
+        pending = self._plan(self._decode_and_route(batch, shard_id))
+        to_run = {id(t.record): set() for tasks in pending.values() for t in tasks}
+        for route, tasks in pending.items():
+            for task in tasks:
+                to_run[id(task.record)].add(route.name)
+        return [Preview(r.change.event.value if r.change else None,
+                        dict.fromkeys(r.routed or {}, True) | dict.fromkeys(to_run.get(id(r), ()), False),
+                        _reason(r.letter[0]) if r.letter else None)
+                for r in batch]
 
     # -- planning -------------------------------------------------------------------------
 
@@ -194,7 +221,7 @@ class Pipeline:
             for record in records:
                 task = _Task(route, record)
                 if idempotent:
-                    task.key = reaction_key(route.name, record.change, record.digest)
+                    task.key = self.key_namespace + reaction_key(route.name, record.change, record.digest)
                     if task.key in seen:  # the same change twice in one batch
                         task.settle(Outcome.DUPLICATE)
                         continue

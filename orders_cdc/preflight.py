@@ -77,12 +77,12 @@ def _lease_table(settings: Settings, dynamodb, table: str, where: str) -> Iterat
         return
     from orders_cdc.leases import read_leases
 
-    # After `orders-cdc replay`, the daemon opens AT_TIMESTAMP leases at its configured
+    # After `orders-cdc rewind`, the daemon opens AT_TIMESTAMP leases at its configured
     # timestamp; without one it loops on a NullPointerException.
     if not isinstance(settings.initial_position, datetime) and any(
         lease.checkpoint == "AT_TIMESTAMP" for lease in read_leases(dynamodb, table)
     ):
-        yield "leases are set to replay (AT_TIMESTAMP): start with --from TIME (the replay time)"
+        yield "leases are rewound (AT_TIMESTAMP): start with --from TIME, the time given to `orders-cdc rewind`"
 
 
 def _downstream(settings: Settings, session: boto3.session.Session) -> Iterator[str]:
