@@ -50,6 +50,8 @@ from orders_cdc.errors import (
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.idempotency.keys import images_digest, item_id, reaction_key
+from orders_cdc.logs import record_fields
+from orders_cdc.metrics import RouteStats
 from orders_cdc.outcomes import Outcome, RecordResult
 from orders_cdc.retry import RetryPolicy, Verdict, decide
 from orders_cdc.routing import Idempotency, Route, Router
@@ -128,6 +130,7 @@ class Pipeline:
     pool: Pool = field(default_factory=CallPool)
     handler_timeout_seconds: float = 60.0
     batch_deadline_seconds: float = 240.0  # below the daemon's timeoutInSeconds (300)
+    stats: RouteStats = field(default_factory=RouteStats)  # retries and call latencies, per route (metrics.py)
     _breakers: dict[str, CircuitBreaker] = field(default_factory=dict, init=False, repr=False)
     _guard: IdempotencyGuard = field(init=False, repr=False)
     _shard: str = field(default="", init=False, repr=False)
@@ -152,9 +155,9 @@ class Pipeline:
         pending = self._plan(self._decode_and_route(batch, shard_id))
         while pending:
             self._round(pending, started)
-        letters = [self._letter(r, shard_id) for r in batch if r.letter is not None]
-        if letters:
-            self._send_dead_letters(letters)
+        dead = [r for r in batch if r.letter is not None]
+        if dead:
+            self._send_dead_letters([self._letter(r, shard_id) for r in dead], dead)
         return [_result(r) for r in batch]
 
     # -- planning -------------------------------------------------------------------------
@@ -281,7 +284,8 @@ class Pipeline:
         route = unit.route
         if self._guard.mode(route) is Idempotency.ATOMIC:
             keys = [t.key for t in unit.tasks]
-            return Call(lambda: self._guard.atomic(changes, keys, lambda cs: call_handler(route, cs, self.ctx)))
+            return Call(self._timed(route, lambda: self._guard.atomic(changes, keys,
+                                                                      lambda cs: call_handler(route, cs, self.ctx))))
 
         per_change = self._guard.mode(route) is Idempotency.PER_CHANGE
         keys = [t.key for t in unit.tasks]
@@ -293,7 +297,17 @@ class Pipeline:
                 self._guard.done([keys[j] for j in done])
             return CallResult(done=done, failed=failures)
 
-        return Call(run, (lambda _: self._guard.late()) if per_change else None)
+        return Call(self._timed(route, run), (lambda _: self._guard.late()) if per_change else None)
+
+    def _timed(self, route: Route, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """fn, its duration recorded as the route's handler latency (an ATOMIC route's with its commit)."""
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.stats.call(route.name, (time.perf_counter() - started) * 1000)
+        return timed
 
     def _result_of(self, unit: _Unit, result: Any) -> CallResult:
         if isinstance(result, FatalProcessingError):
@@ -326,10 +340,6 @@ class Pipeline:
             tasks[j].settle(Outcome.DUPLICATE)
         for j, exc in result.failed.items():
             self._failed(tasks[j], exc)
-        if result.failed:
-            first = next(iter(result.failed.values()))
-            log.warning("changes failed", extra={"shard": self._shard, "route": route.name, "failed": len(result.failed), "of": len(tasks),
-                                                 "error": describe(first), "circuit": breaker.state.value})
 
     def _failed(self, task: _Task, exc: BaseException) -> None:
         if isinstance(exc, FatalProcessingError):
@@ -346,6 +356,15 @@ class Pipeline:
             worked_since_first_failure=breaker.succeeded_since(task.first_failed_at or now),
         )
         task.attempts = decision.attempts
+        if decision.verdict in (Verdict.RETRY, Verdict.HOLD, Verdict.TRIP):
+            self.stats.retried(task.route.name)
+        # One line per failed change: which record, order and route, and what happens next
+        # (retry, wait, hold, trip, dead_letter). A wait is not a failure (a lock held
+        # elsewhere, the SES rate): DEBUG.
+        log.log(logging.DEBUG if decision.verdict is Verdict.WAIT else logging.WARNING, "change failed",
+                extra=record_fields(task.record.change, self._shard, task.record.raw, task.route.name,
+                                    decision.verdict.value)
+                | {"error": describe(exc), "attempts": decision.attempts, "circuit": breaker.state.value})
         if decision.verdict is Verdict.DEAD_LETTER:
             task.record.dead_letter(exc, decision.attempts, task.route.name)
             return
@@ -372,7 +391,7 @@ class Pipeline:
             dead_lettered_at=datetime.now(timezone.utc).isoformat(),
         )
 
-    def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
+    def _send_dead_letters(self, letters: list[DeadLetter], records: list[_Record]) -> None:
         for attempt in range(1, self.dead_letter_attempts + 1):
             try:
                 self.dead_letters.send(letters)
@@ -384,11 +403,12 @@ class Pipeline:
                     ) from exc
                 self.sleep(self.retry.backoff(attempt))
             else:
-                for letter in letters:
+                for letter, record in zip(letters, records):
                     log.error(
                         "record dead-lettered",
-                        extra={"shard": letter.shard_id, "sequence": letter.sequence_number, "reason": letter.reason,
-                               "attempts": letter.attempts, "routes": list(letter.failed_routes)},
+                        extra=record_fields(record.change, letter.shard_id, record.raw,
+                                            ",".join(letter.failed_routes) or None, Outcome.DEAD_LETTERED.value)
+                        | {"reason": letter.reason, "attempts": letter.attempts, "routes": list(letter.failed_routes)},
                     )
                 return
 
