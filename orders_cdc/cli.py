@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import uuid
 from pathlib import Path
 
-from orders_cdc import logs, settings as settings_module
+from orders_cdc import health, logs, settings as settings_module
 from orders_cdc.errors import SettingsError
 
 log = logging.getLogger("orders_cdc")
@@ -50,8 +51,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     values = daemon.effective_properties(settings, Path(args.properties))
     if not args.skip_preflight:
         preflight(settings, values)
+    # The KCL's own default is a random UUID; choosing it here lets the heartbeat find
+    # this worker's leases.
+    values.setdefault("workerId", str(uuid.uuid4()))
     command = daemon.build_command(values, Path(args.run_dir))
-    return daemon.run(command, restart=args.restart)
+    return daemon.run(command, restart=args.restart, monitor=health.monitor_for(settings, values))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -110,6 +114,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
             behind = "?" if r["millis_behind"] is None else f"{r['millis_behind']} ms behind"
             sys.stdout.write(f"  {r['shard']}  owner={r['owner'] or '-'}  checkpoint={r['checkpoint'][-12:] or '-'}  {behind}\n")
     return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """The container's health check: 0 healthy, 1 not; one line on stderr either way."""
+    from dataclasses import replace
+
+    try:
+        settings = settings_module.load_health()
+    except SettingsError as exc:
+        sys.stderr.write(f"orders-cdc: unhealthy: {exc}\n")
+        return 1
+    if args.heartbeat_file:
+        settings = replace(settings, heartbeat_file=Path(args.heartbeat_file))
+    healthy, line = health.check(settings)
+    sys.stderr.write(f"orders-cdc: {line}\n")
+    return 0 if healthy else 1
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -208,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--properties", default="app.properties")
     status.add_argument("--json", action="store_true", help="one JSON object per shard")
     status.set_defaults(func=_cmd_status)
+
+    health_cmd = sub.add_parser(
+        "health", help="is this container's worker alive and at work? (exit 0 healthy, 1 not)",
+        description="Read the heartbeat that `orders-cdc run` keeps (ORDERS_CDC_HEARTBEAT_FILE): healthy while the "
+                    "JVM lives and the worker renews a lease, reports to the lease assigner or processes batches, "
+                    "as seen within ORDERS_CDC_HEARTBEAT_STALE_SECONDS. No AWS call.")
+    health_cmd.add_argument("--heartbeat-file", help="default: ORDERS_CDC_HEARTBEAT_FILE or /tmp/orders-cdc.heartbeat")
+    health_cmd.set_defaults(func=_cmd_health)
 
     replay = sub.add_parser("replay", help="re-deliver the stream from a time within its retention",
                             description="With every worker stopped, point all leases at AT_TIMESTAMP; then start the "
