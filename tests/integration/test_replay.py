@@ -35,7 +35,7 @@ def test_status_then_replay_from_a_time_redelivers_without_repeating_side_effect
         def checkpointed():
             proc = cli(run, "status", "--json")
             assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-            rows = [orjson.loads(line) for line in proc.stdout.splitlines()]
+            rows = orjson.loads(proc.stdout)["shards"]
             return rows if rows and all(r["checkpoint"].isdigit() and r["millis_behind"] == 0 for r in rows) else None
 
         rows = wait_until(checkpointed, 60, 2.0, "status to show checkpoints at the tip")
@@ -45,7 +45,7 @@ def test_status_then_replay_from_a_time_redelivers_without_repeating_side_effect
         run.daemons[0].stop(60)
         proc = cli(run, "replay", "--from", since.isoformat())
         assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-        assert all(r["checkpoint"] == "AT_TIMESTAMP" for r in (orjson.loads(l) for l in cli(run, "status", "--json").stdout.splitlines()))
+        assert all(r["checkpoint"] == "AT_TIMESTAMP" for r in orjson.loads(cli(run, "status", "--json").stdout)["shards"])
 
         refused = cli(run, "run")
         assert refused.returncode == 2
