@@ -6,8 +6,9 @@ A worker is healthy when its JVM is alive and it holds leases or is trying to ta
 - every ORDERS_CDC_HEARTBEAT_INTERVAL_SECONDS, while the JVM lives, it reads the lease
   table and rewrites the file when the worker is seen at work: a lease it owns whose
   counter moved (the KCL renews every failoverTimeMillis/3), or its worker-metrics entry
-  updated lately (KCL 3.x reports every 30 s to the leader that assigns leases: a worker
-  holding nothing, with more workers than shards, is still trying to take some);
+  updated since the last look (KCL 3.x reports every 30 s to the leader that assigns
+  leases: a worker holding nothing, with more workers than shards, is still trying to
+  take some). Only a change counts: a JVM that is alive but stalled changes nothing;
 - each child (one per leased shard) touches the file on initialize and on every
   processRecords, empty ones included, at most once a second.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -32,8 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FILE = "/tmp/orders-cdc.heartbeat"
 # KCL 3.x: WorkerMetricStatsReporter writes lastUpdateTime ("lut") every 30 s by default
-# (workerMetricsReporterFreqInMillis); three periods before a quiet entry stops counting.
-METRICS_REPORT_WINDOW_SECONDS = 90.0
+# (workerMetricsReporterFreqInMillis), so a worker that holds no lease refreshes the
+# heartbeat every 30 s: ORDERS_CDC_HEARTBEAT_STALE_SECONDS must be well above that.
 JVM_MAIN_CLASS = "software.amazon.kinesis.multilang.MultiLangDaemon"
 
 
@@ -116,7 +118,7 @@ def check(settings: HealthSettings, now: Callable[[], float] = time.time,
     age = max(0.0, now() - stat.st_mtime)
     activity = state.get("activity") or "starting"
     if age > settings.stale_seconds:
-        return False, (f"unhealthy: heartbeat {age:.0f} s old (limit {settings.stale_seconds:g} s): worker "
+        return False, (f"unhealthy: heartbeat {math.ceil(age)} s old (limit {settings.stale_seconds:g} s): worker "
                        f"{state.get('worker_id')} neither renews a lease nor reports to the lease assigner, "
                        f"and no child processed a batch (last seen: {activity})")
     return True, f"healthy: JVM pid {pid}, worker {state.get('worker_id')}, heartbeat {age:.0f} s old ({activity})"
@@ -125,14 +127,13 @@ def check(settings: HealthSettings, now: Callable[[], float] = time.time,
 class WorkerWatch:
     """Reads the lease table to tell whether this worker is at work (see the module doc)."""
 
-    def __init__(self, dynamodb, lease_table: str, worker_id: str, metrics_table: str | None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, dynamodb, lease_table: str, worker_id: str, metrics_table: str | None):
         self._ddb = dynamodb
         self._table = lease_table
         self._worker = worker_id
         self._metrics_table = metrics_table
-        self._clock = clock
         self._counters: dict[str, int] = {}
+        self._reported: float | None = None
 
     def activity(self) -> str | None:
         """What shows the worker at work now, or None. Raises on AWS errors (the caller logs)."""
@@ -158,7 +159,8 @@ class WorkerWatch:
             return f"renewing {len(owned)} lease(s)"
         if reported is None and self._metrics_table:
             reported = self._metrics_reported()
-        if reported is not None and self._clock() - reported <= METRICS_REPORT_WINDOW_SECONDS:
+        before, self._reported = self._reported, reported
+        if reported is not None and before is not None and reported > before:
             return f"holds {len(owned)} lease(s), reporting to the lease assigner"
         return None
 

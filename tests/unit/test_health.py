@@ -161,13 +161,16 @@ def test_watch_sees_renewals_of_its_own_leases_only(lease_tables):
 
 def test_watch_counts_a_worker_without_leases_that_reports_to_the_assigner(lease_tables):
     ddb, app = lease_tables
-    clock = Clock(2_000_000_000.0)
-    watch = WorkerWatch(ddb, app, "w-3", f"{app}-WorkerMetricStats", clock=clock)
+    watch = WorkerWatch(ddb, app, "w-3", f"{app}-WorkerMetricStats")
     assert watch.activity() is None
-    ddb.put_item(TableName=f"{app}-WorkerMetricStats", Item={"wid": {"S": "w-3"}, "lut": {"N": str(int(clock.now) - 20)}})
+    table = f"{app}-WorkerMetricStats"
+    ddb.put_item(TableName=table, Item={"wid": {"S": "w-3"}, "lut": {"N": "1900000000"}})
+    assert watch.activity() is None, "a report seen once may be an old one"
+    ddb.put_item(TableName=table, Item={"wid": {"S": "w-3"}, "lut": {"N": "1900000030"}})
     assert watch.activity() == "holds 0 lease(s), reporting to the lease assigner"
-    clock.now += 200
-    assert watch.activity() is None, "a report older than three periods does not count"
+    assert watch.activity() is None, "a report that stopped (a stalled JVM) does not count"
+    ddb.put_item(TableName=table, Item={"wid": {"S": "w-3"}, "lut": {"N": "1900000060000"}})  # milliseconds
+    assert watch.activity() == "holds 0 lease(s), reporting to the lease assigner"
 
 
 def test_watch_without_a_worker_metrics_table_relies_on_renewals(lease_tables):
