@@ -51,7 +51,7 @@ class ChangeProcessor(RecordProcessor):
             reactions = Counter(f"{o.value}_reactions" for r in results for _, o in r.routes
                                 if o in (Outcome.DUPLICATE, Outcome.STALE))
             self.totals.update(counts + reactions)
-            retried, latency_ms = self._pipeline.stats.drain()  # drained either way: it must not grow
+            retried, latency_ms, circuits = self._pipeline.stats.drain()  # drained either way: it must not grow
             self._heartbeat()
             if self._metrics:
                 emf(
@@ -62,7 +62,7 @@ class ChangeProcessor(RecordProcessor):
                     units={"BatchSeconds": "Seconds", "MillisBehindLatest": "Milliseconds"},
                 )
                 # One document per route the batch touched, never one per record.
-                for route, metrics in route_metrics(results, retried, latency_ms).items():
+                for route, metrics in route_metrics(results, retried, latency_ms, circuits).items():
                     emf(metrics, {"Shard": self.shard_id, "Route": route}, units=ROUTE_UNITS,
                         dimension_sets=[["Shard", "Route"], ["Route"]])
         # The daemon also calls with an empty list when idle (callProcessRecordsEvenForEmptyRecordList),

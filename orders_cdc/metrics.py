@@ -89,6 +89,12 @@ class RouteStats:
         self._lock = threading.Lock()
         self._retried: Counter[str] = Counter()
         self._latency_ms: defaultdict[str, list[float]] = defaultdict(list)
+        self._circuits: Counter[tuple[str, str]] = Counter()
+
+    def circuit(self, route: str, opened: bool) -> None:
+        """The route's circuit breaker opened (an outage began) or closed again."""
+        with self._lock:
+            self._circuits[(route, "CircuitOpened" if opened else "CircuitClosed")] += 1
 
     def retried(self, route: str) -> None:
         with self._lock:
@@ -98,11 +104,11 @@ class RouteStats:
         with self._lock:
             self._latency_ms[route].append(milliseconds)
 
-    def drain(self) -> tuple[Counter[str], dict[str, list[float]]]:
+    def drain(self) -> tuple[Counter[str], dict[str, list[float]], Counter[tuple[str, str]]]:
         with self._lock:
-            retried, latency = self._retried, dict(self._latency_ms)
-            self._retried, self._latency_ms = Counter(), defaultdict(list)
-        return retried, latency
+            retried, latency, circuits = self._retried, dict(self._latency_ms), self._circuits
+            self._retried, self._latency_ms, self._circuits = Counter(), defaultdict(list), Counter()
+        return retried, latency, circuits
 
 
 # Per route: the metric for each outcome a route can give a record.
@@ -112,9 +118,12 @@ ROUTE_UNITS = {"HandlerLatency": "Milliseconds"}
 
 
 def route_metrics(results: Iterable[RecordResult], retried: Mapping[str, int],
-                  latency_ms: Mapping[str, Sequence[float]]) -> dict[str, dict[str, Value]]:
+                  latency_ms: Mapping[str, Sequence[float]],
+                  circuits: Mapping[tuple[str, str], int] | None = None) -> dict[str, dict[str, Value]]:
     """Route -> its metrics for one batch: RecordsIn, Done, Duplicate, Stale, DeadLettered,
-    Retried, HandlerCalls and HandlerLatency (ms, one value per call, at most 100)."""
+    Retried, HandlerCalls, CircuitOpened, CircuitClosed and HandlerLatency (ms, one value
+    per call, at most 100)."""
+    circuits = circuits or {}
     counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
     for result in results:
         for route, outcome in result.routes:
@@ -122,14 +131,16 @@ def route_metrics(results: Iterable[RecordResult], retried: Mapping[str, int],
             if outcome in ROUTE_OUTCOMES:
                 counts[route][ROUTE_OUTCOMES[outcome]] += 1
     # A record dead-lettered on one route may have been only tried (not settled) on another.
-    routes = set(counts) | set(retried) | set(latency_ms)
+    routes = set(counts) | set(retried) | set(latency_ms) | {route for route, _ in circuits}
     out: dict[str, dict[str, Value]] = {}
     for route in sorted(routes):
         c = counts[route]
         metrics: dict[str, Value] = {"RecordsIn": c["RecordsIn"],
                                      **{name: c[name] for name in ROUTE_OUTCOMES.values()},
                                      "Retried": retried.get(route, 0),
-                                     "HandlerCalls": len(latency_ms.get(route, ()))}
+                                     "HandlerCalls": len(latency_ms.get(route, ())),
+                                     "CircuitOpened": circuits.get((route, "CircuitOpened"), 0),
+                                     "CircuitClosed": circuits.get((route, "CircuitClosed"), 0)}
         if latency_ms.get(route):
             metrics["HandlerLatency"] = [round(v, 3) for v in quantiles(latency_ms[route])]
         out[route] = metrics

@@ -134,6 +134,7 @@ class Pipeline:
     _breakers: dict[str, CircuitBreaker] = field(default_factory=dict, init=False, repr=False)
     _guard: IdempotencyGuard = field(init=False, repr=False)
     _shard: str = field(default="", init=False, repr=False)
+    _circuit_open: dict[str, bool] = field(default_factory=dict, init=False, repr=False)  # as last counted
 
     def __post_init__(self) -> None:
         self._guard = IdempotencyGuard(self.idempotency, self.clock, self.sleep)
@@ -260,6 +261,15 @@ class Pipeline:
             pending[route] = [t for t in pending[route] if not t.settled]
             if not pending[route]:
                 del pending[route]
+        self._count_circuits()
+
+    def _count_circuits(self) -> None:
+        """Count each circuit's opening and closing once (metrics); half-open counts as open."""
+        for name, breaker in self._breakers.items():
+            is_open = breaker.state is not State.CLOSED
+            if is_open != self._circuit_open.get(name, False):
+                self._circuit_open[name] = is_open
+                self.stats.circuit(name, opened=is_open)
 
     def _lock(self, units: list[_Unit]) -> list[tuple[_Task, BaseException]]:
         """Take the PER_CHANGE locks of the round in one go; drops from each unit the tasks

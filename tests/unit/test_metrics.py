@@ -135,6 +135,32 @@ def test_a_batch_emits_one_shard_document_and_one_per_route_with_each_outcome(ca
     assert (bad_route["RecordsIn"], bad_route["Done"], bad_route["DeadLettered"], bad_route["Retried"]) == (1, 0, 1, 0)
 
 
+def test_an_outage_counts_one_circuit_opening_and_one_closing(capsys):
+    from orders_cdc.breaker import BreakerPolicy
+
+    class Outage:
+        """Fails every call until it has failed three times, then works."""
+
+        def __init__(self):
+            self.failures = 0
+
+        def __call__(self, changes, ctx):
+            if self.failures < 3:
+                self.failures += 1
+                raise RetryableError("service unavailable")
+
+    p = pipeline([Route("orders.down", "Orders", Outage(), max_batch=1)], attempts=10,
+                 breaker=BreakerPolicy(threshold=2, open_seconds=1.0))
+    processor = ChangeProcessor(p, CheckpointPolicy)
+    processor.initialize("shardId-000000000002", "TRIM_HORIZON", None)
+    processor.process_records(batch(order("o-1", "shipped", "processing"), order("o-2", "shipped", "processing")),
+                              0, ScriptedCheckpointer(None))
+    [doc] = [d for d in documents(capsys) if d.get("Route") == "orders.down"]
+    check_emf(doc)
+    assert (doc["CircuitOpened"], doc["CircuitClosed"], doc["Done"]) == (1, 1, 2)
+    assert doc["Retried"] == 3
+
+
 def test_duplicates_and_stale_changes_are_counted_per_route(capsys):
     from orders_cdc.outcomes import Outcome, RecordResult
     from orders_cdc.metrics import route_metrics
@@ -142,8 +168,8 @@ def test_duplicates_and_stale_changes_are_counted_per_route(capsys):
     results = [RecordResult("1", 0, Outcome.DONE, routes=(("a", Outcome.DONE), ("b", Outcome.STALE))),
                RecordResult("2", 0, Outcome.DUPLICATE, routes=(("a", Outcome.DUPLICATE), ("b", Outcome.DUPLICATE)))]
     metrics = route_metrics(results, {}, {"a": [5.0]})
-    assert metrics["a"] | {} == {"RecordsIn": 2, "Done": 1, "Duplicate": 1, "Stale": 0, "DeadLettered": 0,
-                                 "Retried": 0, "HandlerCalls": 1, "HandlerLatency": [5.0]}
+    assert metrics["a"] == {"RecordsIn": 2, "Done": 1, "Duplicate": 1, "Stale": 0, "DeadLettered": 0, "Retried": 0,
+                            "HandlerCalls": 1, "CircuitOpened": 0, "CircuitClosed": 0, "HandlerLatency": [5.0]}
     assert (metrics["b"]["Stale"], metrics["b"]["Duplicate"], metrics["b"]["HandlerCalls"]) == (1, 1, 0)
     assert "HandlerLatency" not in metrics["b"]
 
