@@ -194,7 +194,7 @@ class Monitor:
     def started(self, pid: int, alive: Callable[[], bool]) -> None:
         self.stopped()
         self._stop = threading.Event()
-        self.heartbeat.write(jvm_pid=pid, worker_id=self.worker_id, activity="starting")
+        self._write(pid, "starting")
         self._thread = threading.Thread(target=self._loop, args=(pid, alive, self._stop), name="heartbeat", daemon=True)
         self._thread.start()
 
@@ -203,6 +203,15 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(self.interval + 10)
             self._thread = None
+
+    def _write(self, pid: int, activity: str) -> None:
+        # The worker goes on without its heartbeat (health then says so): processing does
+        # not depend on a file in /tmp.
+        try:
+            self.heartbeat.write(jvm_pid=pid, worker_id=self.worker_id, activity=activity)
+        except OSError as exc:
+            log.error("cannot write the heartbeat file: health will report unhealthy",
+                      extra={"path": str(self.heartbeat.path), "error": f"{type(exc).__name__}: {exc.strerror}"})
 
     def _loop(self, pid: int, alive: Callable[[], bool], stop: threading.Event) -> None:
         last, failing = None, False
@@ -219,7 +228,7 @@ class Monitor:
                     log.warning("cannot read the lease table for the heartbeat", extra={"error": describe(exc)})
                 failing, activity = True, None
             if activity:
-                self.heartbeat.write(jvm_pid=pid, worker_id=self.worker_id, activity=activity)
+                self._write(pid, activity)
             if activity != last:
                 log.info("worker activity", extra={"worker": self.worker_id, "activity": activity or "none seen"})
                 last = activity

@@ -217,3 +217,14 @@ def test_monitor_writes_at_start_and_refreshes_only_on_activity_while_the_jvm_li
         assert path.stat().st_mtime == 1
     finally:
         monitor.stopped()
+
+
+def test_an_unwritable_heartbeat_does_not_stop_the_worker(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monitor = Monitor(Heartbeat(blocker / "hb"), ScriptedWatch([]), "w-1", interval=60)
+    monitor.started(777, lambda: False)
+    monitor.stopped()
+    assert any(r.getMessage().startswith("cannot write the heartbeat file") for r in caplog.records)
+    healthy, line = check(HealthSettings(heartbeat_file=blocker / "hb"))
+    assert not healthy
