@@ -28,15 +28,18 @@ def setup(level: str = "INFO", **static_fields: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
-def record_fields(change, shard: str, raw: Mapping[str, Any] | None = None, route: str | None = None,
+def record_fields(change, shard: str | None = None, raw: Mapping[str, Any] | None = None, route: str | None = None,
                   outcome: str | None = None) -> dict[str, Any]:
     """The `extra` fields of every record-level log line: shard, sequence (and
     sub-sequence), order id, route and outcome. Identifiers only, never the images: no
     customer data reaches the logs through them.
 
     `change` is the decoded ChangeRecord, or None when the record did not decode (then the
-    sequence comes from the daemon's `raw` record and the order id is unknown)."""
+    sequence comes from the daemon's `raw` record and the order id is unknown). `shard`
+    defaults to the change's own (handlers have the change, not the shard)."""
     position = getattr(change, "position", None)
+    if shard is None:
+        shard = position.shard_id if position is not None else None
     if position is not None:
         sequence, sub = position.sequence_number, position.sub_sequence_number
     else:

@@ -247,3 +247,21 @@ def test_every_record_level_line_names_shard_sequence_order_route_and_outcome_an
     text = " ".join(json.dumps(vars(r), default=str) for r in caplog.records)
     assert "jane.doe" not in text and "Baker Street" not in text
     assert "MessageRejected" in text and "5f1d-rid" in text
+
+
+def test_handlers_record_level_lines_carry_the_same_fields(caplog):
+    from orders_cdc.change import decode_kcl_record
+    from processors import metrics as metrics_route, notification
+
+    caplog.set_level(logging.INFO, logger="processors")
+    [raw] = batch(kds_record("MODIFY", new={"order_id": "o-4", "status": "shipped", "shipping_address": "1 Main St"},
+                             old={"order_id": "o-4", "status": "processing"}, keys={"order_id": "o-4"}))
+    change = decode_kcl_record(raw, "shardId-000000000004")
+    notification.send_shipped(change, ctx=None)  # no address: nothing sent
+    metrics_route.deltas(change)  # no created_at: not counted
+    lines = {r.getMessage(): r for r in caplog.records}
+    sent, counted = lines["no email address: shipped email not sent"], lines["order without created_at is not counted"]
+    assert [(r.shard, r.sequence, r.order_id, r.route, r.outcome) for r in (sent, counted)] == [
+        ("shardId-000000000004", sequence_number(1), "o-4", "notification.shipped_email", "not_sent"),
+        ("shardId-000000000004", sequence_number(1), "o-4", "metrics.aggregates", "not_counted")]
+    assert "Main St" not in json.dumps([vars(r) for r in caplog.records], default=str)
