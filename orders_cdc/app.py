@@ -156,7 +156,10 @@ def tune_gc() -> None:
 
 
 def build_processor(settings: Settings, clients: Clients | None = None) -> ChangeProcessor:
+    from orders_cdc.health import Heartbeat
+
     return ChangeProcessor(
         build_pipeline(settings, clients or Clients(settings)),
         lambda: CheckpointPolicy(settings.checkpoint_every_records, settings.checkpoint_every_seconds),
+        heartbeat=Heartbeat(settings.health.heartbeat_file).touch,
     )

@@ -7,9 +7,12 @@ import logging
 import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
-from orders_cdc import logs, settings as settings_module
+from botocore.exceptions import BotoCoreError, ClientError
+
+from orders_cdc import health, logs, settings as settings_module
 from orders_cdc.errors import SettingsError
 
 log = logging.getLogger("orders_cdc")
@@ -52,8 +55,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     values = daemon.effective_properties(settings, Path(args.properties))
     if not args.skip_preflight:
         preflight(settings, values)
+    # The KCL's own default is a random UUID; choosing it here lets the heartbeat find
+    # this worker's leases.
+    values.setdefault("workerId", str(uuid.uuid4()))
     command = daemon.build_command(values, Path(args.run_dir))
-    return daemon.run(command, restart=args.restart)
+    return daemon.run(command, restart=args.restart, monitor=health.monitor_for(settings, values))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -95,23 +101,93 @@ def _context(args: argparse.Namespace):
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Shards (owner, checkpoint, when its record arrived, lag, closed or open, parents),
+    workers (leases held), and the dead-letter queue: a table, or one JSON document."""
+    import time
+
+    import boto3
     import orjson
+    from botocore.config import Config
 
     from orders_cdc import leases
+    from orders_cdc.kcl import daemon
 
-    _, _, kinesis, dynamodb, stream, table = _context(args)
-    rows = []
-    for lease in leases.read_leases(dynamodb, table):
-        rows.append({"shard": lease.shard_id, "owner": lease.owner, "checkpoint": lease.checkpoint,
-                     "lease_counter": lease.counter, "millis_behind": leases.millis_behind(kinesis, stream, lease)})
+    settings = settings_module.load()
+    values = daemon.effective_properties(settings, Path(args.properties))
+    # Short timeouts and few retries: an endpoint that does not answer is one line, soon.
+    config = Config(connect_timeout=3, read_timeout=10, retries={"mode": "standard", "total_max_attempts": 3})
+    session = boto3.session.Session(region_name=values.get("regionName") or settings.region)
+    kinesis = session.client("kinesis", endpoint_url=values.get("kinesisEndpoint") or settings.endpoint("kinesis"),
+                             config=config)
+    dynamodb = session.client("dynamodb", endpoint_url=values.get("dynamoDBEndpoint") or settings.endpoint("dynamodb"),
+                              config=config)
+    sqs = session.client("sqs", endpoint_url=settings.endpoint("sqs"), config=config)
+    cloudwatch = session.client("cloudwatch", endpoint_url=settings.endpoint("cloudwatch"), config=config)
+    stream = values.get("streamName") or values["streamArn"].rsplit("/", 1)[-1]
+    application = values["applicationName"]
+    table = values.get("tableName", application)
+
+    current = leases.read_leases(dynamodb, table)
+    shards = leases.shard_rows(kinesis, stream, current)
+    reports = leases.worker_metric_reports(dynamodb, table, values.get("workerMetricsTableName",
+                                                                       f"{application}-WorkerMetricStats"))
+    workers = leases.worker_rows(current, reports, time.time())
+    letters = leases.dead_letter_status(sqs, cloudwatch, settings.resources.dlq_queue)
     if args.json:
-        sys.stdout.write("".join(orjson.dumps(r).decode() + "\n" for r in rows))
-    else:
-        sys.stdout.write(f"stream {stream}, lease table {table}\n")
-        for r in rows:
-            behind = "?" if r["millis_behind"] is None else f"{r['millis_behind']} ms behind"
-            sys.stdout.write(f"  {r['shard']}  owner={r['owner'] or '-'}  checkpoint={r['checkpoint'][-12:] or '-'}  {behind}\n")
+        doc = {"stream": stream, "lease_table": table, "shards": shards, "workers": workers, "dead_letters": letters}
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+        return 0
+    sys.stdout.write(_status_table(stream, table, shards, workers, letters))
     return 0
+
+
+def _status_table(stream: str, table: str, shards: list[dict], workers: list[dict], letters: dict) -> str:
+    def lag(row):
+        if row["error"]:
+            return "? (" + row["error"][:60] + ")"
+        return "?" if row["millis_behind"] is None else f"{row['millis_behind']:,} ms"
+
+    def seq(value: str) -> str:
+        return value if len(value) <= 14 else "..." + value[-11:]
+
+    shard_lines = [("SHARD", "STATE", "OWNER", "CHECKPOINT", "CHECKPOINTED RECORD ARRIVED", "LAG", "PARENTS")]
+    for r in shards:
+        shard_lines.append((r["shard"], r["state"], r["owner"] or "-", seq(r["checkpoint"]) or "-",
+                            (r["checkpoint_arrival"] or "-")[:19].replace("T", " "), lag(r), ",".join(r["parents"]) or "-"))
+    worker_lines = [("WORKER", "LEASES", "LAST REPORT TO THE ASSIGNER")]
+    for w in workers:
+        ago = "-" if w["reported_seconds_ago"] is None else f"{w['reported_seconds_ago']:.0f} s ago"
+        worker_lines.append((w["worker"], str(w["leases"]), ago))
+    if letters["error"]:
+        dlq = f"dead letters ({letters['queue']}): {letters['error']}"
+    else:
+        age = ("n/a" if letters["oldest_age_seconds"] is None else f"{letters['oldest_age_seconds']:.0f} s")
+        dlq = (f"dead letters ({letters['queue']}): {letters['visible']} waiting, {letters['in_flight']} being read; "
+               f"oldest {age} ({letters['oldest_age_source']})")
+    parts = [f"stream {stream}: {len(shards)} shard(s); lease table {table}\n", _columns(shard_lines), "\n",
+             _columns(worker_lines) if len(worker_lines) > 1 else "no worker holds a lease or reports\n", "\n", dlq + "\n"]
+    return "".join(parts)
+
+
+def _columns(lines: list[tuple[str, ...]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() + "\n" for line in lines)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """The container's health check: 0 healthy, 1 not; one line on stderr either way."""
+    from dataclasses import replace
+
+    try:
+        settings = settings_module.load_health()
+    except SettingsError as exc:
+        sys.stderr.write(f"orders-cdc: unhealthy: {exc}\n")
+        return 1
+    if args.heartbeat_file:
+        settings = replace(settings, heartbeat_file=Path(args.heartbeat_file))
+    healthy, line = health.check(settings)
+    sys.stderr.write(f"orders-cdc: {line}\n")
+    return 0 if healthy else 1
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -310,11 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="restart the daemon with backoff when it fails (local runs; in ECS the service replaces the task)")
     run.set_defaults(func=_cmd_run)
 
-    status = sub.add_parser("status", help="leases, owners, checkpoints and lag per shard",
-                            description="Read the KCL lease table and ask Kinesis how far each checkpoint is behind.")
+    status = sub.add_parser("status", help="shards (owner, checkpoint, lag, closed/open), workers, dead letters",
+                            description="Read the KCL lease table, ask Kinesis how far each checkpoint is behind, "
+                                        "and the dead-letter queue how deep it is.")
     status.add_argument("--properties", default="app.properties")
-    status.add_argument("--json", action="store_true", help="one JSON object per shard")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON document: shards, workers and dead_letters")
     status.set_defaults(func=_cmd_status)
+
+    health_cmd = sub.add_parser(
+        "health", help="is this container's worker alive and at work? (exit 0 healthy, 1 not)",
+        description="Read the heartbeat that `orders-cdc run` keeps (ORDERS_CDC_HEARTBEAT_FILE): healthy while the "
+                    "JVM lives and the worker renews a lease, reports to the lease assigner or processes batches, "
+                    "as seen within ORDERS_CDC_HEARTBEAT_STALE_SECONDS. No AWS call.")
+    health_cmd.add_argument("--heartbeat-file", help="default: ORDERS_CDC_HEARTBEAT_FILE or /tmp/orders-cdc.heartbeat")
+    health_cmd.set_defaults(func=_cmd_health)
 
     replay = sub.add_parser(
         "replay", help="send a window of the stream through the pipeline again, beside the live consumer",
@@ -393,8 +479,26 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"orders-cdc: {exc}\n")
         return 2
+    except (BotoCoreError, ClientError) as exc:
+        # An endpoint that does not answer, no credentials, a missing resource: one line.
+        sys.stderr.write(f"orders-cdc: {_aws_problem(exc)}\n")
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _aws_problem(exc: Exception) -> str:
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from orders_cdc.errors import describe, redact
+
+    if isinstance(exc, EndpointConnectionError):
+        return f"cannot reach {exc.kwargs.get('endpoint_url')}: is the endpoint right, and the service up?"
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials found (environment, profile or task role)"
+    if isinstance(exc, ClientError):
+        return describe(exc)
+    return redact(str(exc)) or type(exc).__name__
 
 
 if __name__ == "__main__":

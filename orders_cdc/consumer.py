@@ -13,17 +13,21 @@ from collections.abc import Callable
 
 from orders_cdc.checkpointing import CheckpointPolicy
 from orders_cdc.kcl.protocol import Checkpointer, CheckpointError, KclError, RecordProcessor
-from orders_cdc.metrics import emf
+from orders_cdc.metrics import ROUTE_UNITS, child_started, emf, route_metrics
 from orders_cdc.pipeline import Outcome, Pipeline
 
 log = logging.getLogger(__name__)
 
 
 class ChangeProcessor(RecordProcessor):
-    def __init__(self, pipeline: Pipeline, new_policy: Callable[[], CheckpointPolicy], metrics: bool = True):
+    def __init__(self, pipeline: Pipeline, new_policy: Callable[[], CheckpointPolicy], metrics: bool = True,
+                 heartbeat: Callable[[], None] = lambda: None):
         self._pipeline = pipeline
         self._new_policy = new_policy
         self._metrics = metrics
+        # Touched on initialize and every processRecords (health.py): the daemon calls a
+        # child only while it holds the shard's lease.
+        self._heartbeat = heartbeat
         self.shard_id = ""
         self.policy = new_policy()
         self.totals: Counter[str] = Counter()
@@ -31,9 +35,13 @@ class ChangeProcessor(RecordProcessor):
     def initialize(self, shard_id, sequence_number, sub_sequence_number) -> None:
         self.shard_id = shard_id
         self.policy = self._new_policy()
+        self._heartbeat()
+        if self._metrics:
+            child_started(shard_id)
         log.info("shard initialized", extra={"shard": shard_id, "from": sequence_number})
 
     def process_records(self, records, millis_behind_latest, checkpointer: Checkpointer) -> None:
+        self._heartbeat()
         if records:
             started = time.perf_counter()
             results = self._pipeline.process(records, self.shard_id)
@@ -43,6 +51,8 @@ class ChangeProcessor(RecordProcessor):
             reactions = Counter(f"{o.value}_reactions" for r in results for _, o in r.routes
                                 if o in (Outcome.DUPLICATE, Outcome.STALE))
             self.totals.update(counts + reactions)
+            retried, latency_ms, circuits = self._pipeline.stats.drain()  # drained either way: it must not grow
+            self._heartbeat()
             if self._metrics:
                 emf(
                     {"Records": len(records),
@@ -51,6 +61,10 @@ class ChangeProcessor(RecordProcessor):
                     {"Shard": self.shard_id},
                     units={"BatchSeconds": "Seconds", "MillisBehindLatest": "Milliseconds"},
                 )
+                # One document per route the batch touched, never one per record.
+                for route, metrics in route_metrics(results, retried, latency_ms, circuits).items():
+                    emf(metrics, {"Shard": self.shard_id, "Route": route}, units=ROUTE_UNITS,
+                        dimension_sets=[["Shard", "Route"], ["Route"]])
         # The daemon also calls with an empty list when idle (callProcessRecordsEvenForEmptyRecordList),
         # which lets a time-due checkpoint land without waiting for the next record.
         self.policy.checkpoint(checkpointer)

@@ -50,6 +50,8 @@ from orders_cdc.errors import (
 from orders_cdc.idempotency.base import IdempotencyStore
 from orders_cdc.idempotency.guard import CallResult, IdempotencyGuard
 from orders_cdc.idempotency.keys import images_digest, item_id, reaction_key
+from orders_cdc.logs import record_fields
+from orders_cdc.metrics import RouteStats
 from orders_cdc.outcomes import Outcome, RecordResult
 from orders_cdc.retry import RetryPolicy, Verdict, decide
 from orders_cdc.routing import Idempotency, Route, Router
@@ -141,9 +143,11 @@ class Pipeline:
     # Prefixes every idempotency key: a forced replay (`orders-cdc replay --force`) runs each
     # reaction again, once, under keys of its own.
     key_namespace: str = ""
+    stats: RouteStats = field(default_factory=RouteStats)  # retries and call latencies, per route (metrics.py)
     _breakers: dict[str, CircuitBreaker] = field(default_factory=dict, init=False, repr=False)
     _guard: IdempotencyGuard = field(init=False, repr=False)
     _shard: str = field(default="", init=False, repr=False)
+    _circuit_open: dict[str, bool] = field(default_factory=dict, init=False, repr=False)  # as last counted
 
     def __post_init__(self) -> None:
         self._guard = IdempotencyGuard(self.idempotency, self.clock, self.sleep)
@@ -165,9 +169,9 @@ class Pipeline:
         pending = self._plan(self._decode_and_route(batch, shard_id))
         while pending:
             self._round(pending, started)
-        letters = [self._letter(r, shard_id) for r in batch if r.letter is not None]
-        if letters:
-            self._send_dead_letters(letters)
+        dead = [r for r in batch if r.letter is not None]
+        if dead:
+            self._send_dead_letters([self._letter(r, shard_id) for r in dead], dead)
         return [_result(r) for r in batch]
 
     def preview(self, records: Sequence[dict], shard_id: str) -> list[Preview]:
@@ -284,6 +288,15 @@ class Pipeline:
             pending[route] = [t for t in pending[route] if not t.settled]
             if not pending[route]:
                 del pending[route]
+        self._count_circuits()
+
+    def _count_circuits(self) -> None:
+        """Count each circuit's opening and closing once (metrics); half-open counts as open."""
+        for name, breaker in self._breakers.items():
+            is_open = breaker.state is not State.CLOSED
+            if is_open != self._circuit_open.get(name, False):
+                self._circuit_open[name] = is_open
+                self.stats.circuit(name, opened=is_open)
 
     def _lock(self, units: list[_Unit]) -> list[tuple[_Task, BaseException]]:
         """Take the PER_CHANGE locks of the round in one go; drops from each unit the tasks
@@ -308,7 +321,8 @@ class Pipeline:
         route = unit.route
         if self._guard.mode(route) is Idempotency.ATOMIC:
             keys = [t.key for t in unit.tasks]
-            return Call(lambda: self._guard.atomic(changes, keys, lambda cs: call_handler(route, cs, self.ctx)))
+            return Call(self._timed(route, lambda: self._guard.atomic(changes, keys,
+                                                                      lambda cs: call_handler(route, cs, self.ctx))))
 
         per_change = self._guard.mode(route) is Idempotency.PER_CHANGE
         keys = [t.key for t in unit.tasks]
@@ -320,7 +334,17 @@ class Pipeline:
                 self._guard.done([keys[j] for j in done])
             return CallResult(done=done, failed=failures)
 
-        return Call(run, (lambda _: self._guard.late()) if per_change else None)
+        return Call(self._timed(route, run), (lambda _: self._guard.late()) if per_change else None)
+
+    def _timed(self, route: Route, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """fn, its duration recorded as the route's handler latency (an ATOMIC route's with its commit)."""
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.stats.call(route.name, (time.perf_counter() - started) * 1000)
+        return timed
 
     def _result_of(self, unit: _Unit, result: Any) -> CallResult:
         if isinstance(result, FatalProcessingError):
@@ -353,10 +377,6 @@ class Pipeline:
             tasks[j].settle(Outcome.DUPLICATE)
         for j, exc in result.failed.items():
             self._failed(tasks[j], exc)
-        if result.failed:
-            first = next(iter(result.failed.values()))
-            log.warning("changes failed", extra={"shard": self._shard, "route": route.name, "failed": len(result.failed), "of": len(tasks),
-                                                 "error": describe(first), "circuit": breaker.state.value})
 
     def _failed(self, task: _Task, exc: BaseException) -> None:
         if isinstance(exc, FatalProcessingError):
@@ -373,6 +393,15 @@ class Pipeline:
             worked_since_first_failure=breaker.succeeded_since(task.first_failed_at or now),
         )
         task.attempts = decision.attempts
+        if decision.verdict in (Verdict.RETRY, Verdict.HOLD, Verdict.TRIP):
+            self.stats.retried(task.route.name)
+        # One line per failed change: which record, order and route, and what happens next
+        # (retry, wait, hold, trip, dead_letter). A wait is not a failure (a lock held
+        # elsewhere, the SES rate): DEBUG.
+        log.log(logging.DEBUG if decision.verdict is Verdict.WAIT else logging.WARNING, "change failed",
+                extra=record_fields(task.record.change, self._shard, task.record.raw, task.route.name,
+                                    decision.verdict.value)
+                | {"error": describe(exc), "attempts": decision.attempts, "circuit": breaker.state.value})
         if decision.verdict is Verdict.DEAD_LETTER:
             task.record.dead_letter(exc, decision.attempts, task.route.name)
             return
@@ -399,7 +428,7 @@ class Pipeline:
             dead_lettered_at=datetime.now(timezone.utc).isoformat(),
         )
 
-    def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
+    def _send_dead_letters(self, letters: list[DeadLetter], records: list[_Record]) -> None:
         for attempt in range(1, self.dead_letter_attempts + 1):
             try:
                 self.dead_letters.send(letters)
@@ -411,11 +440,12 @@ class Pipeline:
                     ) from exc
                 self.sleep(self.retry.backoff(attempt))
             else:
-                for letter in letters:
+                for letter, record in zip(letters, records):
                     log.error(
                         "record dead-lettered",
-                        extra={"shard": letter.shard_id, "sequence": letter.sequence_number, "reason": letter.reason,
-                               "attempts": letter.attempts, "routes": list(letter.failed_routes)},
+                        extra=record_fields(record.change, letter.shard_id, record.raw,
+                                            ",".join(letter.failed_routes) or None, Outcome.DEAD_LETTERED.value)
+                        | {"reason": letter.reason, "attempts": letter.attempts, "routes": list(letter.failed_routes)},
                     )
                 return
 

@@ -12,8 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from orders_cdc.errors import SettingsError
+from orders_cdc.health import DEFAULT_FILE as DEFAULT_HEARTBEAT_FILE, HealthSettings
 
 PREFIX = "ORDERS_CDC_"
 
@@ -77,6 +79,8 @@ class Settings:
     # SES sends per second this worker may use (the account's quota shared among workers);
     # 0: no limit here (throttling from SES still only slows the shard down).
     ses_max_send_rate: float = 0.0
+    # The worker's heartbeat (health.py): its file, and the age past which it is unhealthy.
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     def endpoint(self, service: str) -> str | None:
         return self.endpoints.get(service) or self.endpoints.get("")
@@ -203,7 +207,21 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         retry_max_seconds=_float(env, "RETRY_MAX_SECONDS", 5.0),
         max_record_age_seconds=_float(env, "MAX_RECORD_AGE_SECONDS", 0.0),
         **_reliability(env),
+        health=load_health(env),
     )
+
+
+def load_health(env: Mapping[str, str] | None = None) -> HealthSettings:
+    """The heartbeat settings alone: `orders-cdc health` needs nothing else (no region)."""
+    env = os.environ if env is None else env
+    path = env.get(PREFIX + "HEARTBEAT_FILE") or DEFAULT_HEARTBEAT_FILE
+    stale = _float(env, "HEARTBEAT_STALE_SECONDS", 120.0, minimum=1.0)
+    interval = _float(env, "HEARTBEAT_INTERVAL_SECONDS", 10.0, minimum=0.1)
+    if interval * 2 > stale:
+        raise SettingsError(
+            f"{PREFIX}HEARTBEAT_STALE_SECONDS={stale:g} must be at least twice {PREFIX}HEARTBEAT_INTERVAL_SECONDS={interval:g}"
+        )
+    return HealthSettings(heartbeat_file=Path(path), stale_seconds=stale, interval_seconds=interval)
 
 
 def _reliability(env: Mapping[str, str]) -> dict[str, float | int]:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from orders_cdc.change import ChangeRecord
 from orders_cdc.counters import CounterUpdate
+from orders_cdc.logs import record_fields
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
@@ -54,14 +55,17 @@ def _add(into: Deltas, key: Key, attr: str, value: Decimal) -> None:
     counters[attr] = _order.exact_add(counters.get(attr, Decimal(0)), value)
 
 
-def contribution(image: Mapping[str, Any] | None, sign: int = 1, into: Deltas | None = None) -> Deltas:
+def contribution(image: Mapping[str, Any] | None, sign: int = 1, into: Deltas | None = None,
+                 change: ChangeRecord | None = None) -> Deltas:
     """What one order image counts for, times ``sign``, added into ``into``."""
     into = {} if into is None else into
     if image is None:
         return into
     day = _order.day(image)
     if day is None:
-        log.warning("order without created_at is not counted", extra={"order_id": image.get("order_id")})
+        log.warning("order without created_at is not counted",
+                    extra=record_fields(change, route="metrics.aggregates", outcome="not_counted")
+                    | ({} if change is not None else {"order_id": image.get("order_id")}))
         return into
     one = Decimal(sign)
     order_key: Key = (ORDER, (("day", day.isoformat()),))
@@ -79,8 +83,8 @@ def contribution(image: Mapping[str, Any] | None, sign: int = 1, into: Deltas | 
 
 def deltas(change: ChangeRecord) -> Deltas:
     """contribution(new) - contribution(old) for one change."""
-    out = contribution(change.new_image, +1)
-    return contribution(change.old_image, -1, out)
+    out = contribution(change.new_image, +1, change=change)
+    return contribution(change.old_image, -1, out, change=change)
 
 
 def aggregate(change: ChangeRecord, ctx: Context) -> list[CounterUpdate]:

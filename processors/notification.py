@@ -32,6 +32,7 @@ from botocore.exceptions import ClientError
 
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.errors import DeferredError, error_code, is_throttling
+from orders_cdc.logs import record_fields
 from orders_cdc.routing import Route, transition
 from orders_cdc.settings import Resources
 from processors import _order
@@ -105,11 +106,14 @@ def _address(order: Mapping[str, Any]) -> str | None:
 
 
 def _sender(build: Callable[[Mapping[str, Any], str], Email], kind: str):
+    route = f"notification.{kind}" + ("" if kind == "review_request" else "_email")
+
     def handler(change: ChangeRecord, ctx: Context) -> None:
         order = change.new_image or {}
         to = _address(order)
         if to is None:
-            log.warning("no email address: %s email not sent", kind, extra={"order_id": order.get("order_id"), "kind": kind})
+            log.warning("no email address: %s email not sent", kind,
+                        extra=record_fields(change, route=route, outcome="not_sent") | {"kind": kind})
             return
         email = build({**order, "order_id": _order.order_id(order, change.keys)}, to)
         if ctx.ses_rate is not None and (wait := ctx.ses_rate.take(max_wait=_MAX_RATE_WAIT)):

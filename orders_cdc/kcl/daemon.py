@@ -101,12 +101,14 @@ def build_command(values: dict[str, str], run_dir: Path, java: str | None = None
 
 
 def run(command: DaemonCommand, env: dict[str, str] | None = None, restart: bool = False,
-        max_backoff: float = 30.0) -> int:
+        max_backoff: float = 30.0, monitor=None) -> int:
     """Run the daemon; SIGTERM/SIGINT to us become one SIGTERM to it.
 
     When a Python child dies, the MultiLangDaemon shuts every shard down and the JVM exits
     1. In ECS the task exits and the service replaces it. With restart=True (local runs)
     we restart it ourselves with backoff; it resumes from the last checkpoints.
+
+    `monitor` (health.Monitor) keeps the worker's heartbeat while each JVM lives.
     """
     stopping = False
     proc: subprocess.Popen | None = None
@@ -126,7 +128,12 @@ def run(command: DaemonCommand, env: dict[str, str] | None = None, restart: bool
             proc = subprocess.Popen(command.argv, env=env, start_new_session=True, stdout=sys.stderr,
                                     stdin=subprocess.DEVNULL)
             log.info("daemon started", extra={"pid": proc.pid, "properties": str(command.properties_file)})
+            if monitor is not None:
+                running = proc
+                monitor.started(proc.pid, lambda: running.returncode is None)
             code = proc.wait()
+            if monitor is not None:
+                monitor.stopped()
             log.info("daemon exited", extra={"code": code, "pid": proc.pid})
             if stopping or not restart or code == 0:
                 return code
@@ -141,5 +148,8 @@ def run(command: DaemonCommand, env: dict[str, str] | None = None, restart: bool
                 return code
             backoff = min(max_backoff, backoff * 2)
     finally:
+        if monitor is not None:
+            monitor.stopped()
+            monitor.heartbeat.remove()
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -126,12 +126,18 @@ class LocalRun:
         """`orders-cdc run`, exactly as the container runs it, with the local environment."""
         env = self.env(**({"ORDERS_CDC_WORKER_ID": worker_id} if worker_id else {}), **extra_env)
         worker = env["ORDERS_CDC_WORKER_ID"]
+        # One heartbeat per worker (health.py), beside its run directory: several workers,
+        # and other local runs, share this host.
+        env.setdefault("ORDERS_CDC_HEARTBEAT_FILE", str(self.heartbeat_file(worker)))
         argv = [sys.executable, "-m", "orders_cdc.cli", "run", "--restart", "--properties", str(self.cfg.properties),
                 "--run-dir", str(self.cfg.stack.root / "run" / worker)]
         proc = DaemonProcess(argv, env, self.cfg.stack.root / "logs" / f"daemon-{worker}.log")
         proc.start()
         self.daemons.append(proc)
         return proc
+
+    def heartbeat_file(self, worker: str | None = None) -> Path:
+        return self.cfg.stack.root / "run" / (worker or self.cfg.worker_id) / "heartbeat"
 
     def start(self) -> LocalRun:
         try:
