@@ -109,7 +109,7 @@ def build_pipeline(settings: Settings, clients: Clients) -> Pipeline:
     ctx = Context(settings, clients, TokenBucket(rate, burst=rate) if rate else None)
     table = settings.resources.idempotency_table
     return Pipeline(
-        router=Router(all_routes(settings.resources)),
+        router=Router(all_routes(settings.resources, replica_ttl_deletes=settings.replica_ttl_deletes)),
         ctx=ctx,
         dead_letters=SqsDeadLetterSink(clients.sqs, clients.queue_url(settings.resources.dlq_queue), clients.s3,
                                        settings.resources.dead_letter_bucket),
