@@ -22,6 +22,7 @@ from orders_cdc.deadletter import InMemoryDeadLetterSink
 from orders_cdc.errors import PartialBatchFailure
 from orders_cdc.local.bridge import attribute_value_json
 from orders_cdc.local.orders import new_order
+from orders_cdc.local.summary import Summary, one_line
 from orders_cdc.outcomes import Outcome
 from orders_cdc.pipeline import Pipeline
 from orders_cdc.retry import RetryPolicy
@@ -319,6 +320,10 @@ def test_after_a_history_with_duplicates_and_reorderings_the_replica_equals_the_
     assert live_copies(aws.dynamodb, names.replica_table)["h-00"]["card"] == b"\x00\xffhello"
     tombstones = {oid for oid, item in scan(aws.dynamodb, names.replica_table).items() if replication.DELETED in item}
     assert tombstones == {"h-04", "h-06"}
+    # `make run-local`'s summary counts the same (tombstones are not orders).
+    snap = Summary({"s3": aws.s3, "ses": aws.ses, "sqs": aws.sqs, "dynamodb": aws.dynamodb}, names).snapshot(0)
+    assert snap.orders_in_table == snap.orders_in_replica == len(table)
+    assert f"orders/replica={len(table)}/{len(table)}" in one_line(snap, 0)
 
 
 def test_with_ttl_deletes_off_an_expired_order_keeps_its_last_state_under_a_route_filter(moto_resources):
