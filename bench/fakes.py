@@ -239,7 +239,7 @@ class FakeClients(Clients):
         super().__init__(settings, session=object())  # type: ignore[arg-type]
         self.log = log or CallLog()
 
-    def _client(self, service: str):
+    def _client(self, service: str, region: str | None = None, endpoint_url: str | None = None):
         return FakeClient(service, self.log)
 
 

@@ -43,7 +43,7 @@ class Clients:
         self._session = session or boto3.session.Session(region_name=settings.region)
         self._queue_urls: dict[str, str] = {}
 
-    def _client(self, service: str):
+    def _client(self, service: str, region: str | None = None, endpoint_url: str | None = None):
         # One pooled connection per call in flight: botocore's default pool (10) would open
         # and throw away a connection, with its handshakes, for every call past the tenth.
         # No client-side parameter validation: our requests are built by code, and walking a
@@ -52,13 +52,21 @@ class Clients:
         config = Config(retries={"mode": "standard", "total_max_attempts": _ATTEMPTS.get(service, 3)},
                         max_pool_connections=self._settings.max_in_flight,
                         parameter_validation=False, **_TIMEOUTS.get(service, _DEFAULT_TIMEOUTS))
-        return self._session.client(service, endpoint_url=self._settings.endpoint(service), config=config)
+        return self._session.client(service, region_name=region, endpoint_url=endpoint_url or self._settings.endpoint(service),
+                                    config=config)
 
     # cached_property: created on first use, once; a handler that is never routed to
     # costs nothing at start-up.
     @cached_property
     def dynamodb(self):
         return self._client("dynamodb")
+
+    @cached_property
+    def replica(self):
+        """DynamoDB where the replica table is (replication.orders_replica): its own region and
+        endpoint, the same timeouts, retries and pool as the other DynamoDB client."""
+        return self._client("dynamodb", region=self._settings.replica_region,
+                            endpoint_url=self._settings.replica_endpoint)
 
     @cached_property
     def sqs(self):
@@ -101,7 +109,7 @@ def build_pipeline(settings: Settings, clients: Clients, routes: Collection[str]
     `orders-cdc replay` (which may keep only some `routes`, by name; see `route_names`)."""
     from processors import all_routes
 
-    chosen = all_routes(settings.resources)
+    chosen = all_routes(settings.resources, replica_ttl_deletes=settings.replica_ttl_deletes)
     if routes is not None:
         unknown = set(routes) - {r.name for r in chosen}
         if unknown:
@@ -135,7 +143,7 @@ def build_pipeline(settings: Settings, clients: Clients, routes: Collection[str]
 def route_names(settings: Settings) -> list[str]:
     from processors import all_routes
 
-    return [r.name for r in all_routes(settings.resources)]
+    return [r.name for r in all_routes(settings.resources, replica_ttl_deletes=settings.replica_ttl_deletes)]
 
 
 # The cyclic GC, tuned for a batch processor. A batch is ~100 container objects per record,

@@ -94,6 +94,10 @@ def _downstream(settings: Settings, session: boto3.session.Session) -> Iterator[
         return session.client(service, endpoint_url=settings.endpoint(service), config=_QUICK)
 
     ddb, sqs = client("dynamodb"), client("sqs")
+    # The replica's own region and endpoint, as Clients.replica reaches it.
+    replica_endpoint = settings.replica_endpoint or settings.endpoint("dynamodb")
+    replica = session.client("dynamodb", region_name=settings.replica_region, endpoint_url=replica_endpoint, config=_QUICK)
+    replica_at = f"in {settings.replica_region or settings.region}" + (f" at {replica_endpoint}" if replica_endpoint else "")
     probes: list[tuple[str, Callable[[], object]]] = [
         *((f"table {t!r}", lambda t=t: ddb.describe_table(TableName=t)) for t in (
             r.idempotency_table, r.inventory_table, r.product_orders_table, r.order_metrics_table,
@@ -102,6 +106,7 @@ def _downstream(settings: Settings, session: boto3.session.Session) -> Iterator[
         (f"delivery stream {r.firehose_stream!r}",
          lambda: client("firehose").describe_delivery_stream(DeliveryStreamName=r.firehose_stream)),
         (f"bucket {r.dead_letter_bucket!r}", lambda: client("s3").head_bucket(Bucket=r.dead_letter_bucket)),
+        (f"replica table {r.replica_table!r} ({replica_at})", lambda: replica.describe_table(TableName=r.replica_table)),
     ]
     for what, probe in probes:
         try:

@@ -35,6 +35,9 @@ class Resources:
     idempotency_table: str = "Idempotency"
     firehose_stream: str = "orders-cdc-analytics"
     sender_email: str = "orders@example.com"
+    # The current-state copy of the orders (replication.orders_replica): a table name, or a
+    # table ARN for a table in another account (its resource-based policy grants the writes).
+    replica_table: str = "OrdersReplica"
 
     def environment(self) -> dict[str, str]:
         """The ORDERS_CDC_* variables that `load` reads these names back from."""
@@ -81,6 +84,13 @@ class Settings:
     ses_max_send_rate: float = 0.0
     # The worker's heartbeat (health.py): its file, and the age past which it is unhealthy.
     health: HealthSettings = field(default_factory=HealthSettings)
+    # The replica table's client (replication.orders_replica): its own region (None: the
+    # app's) and endpoint (None: the standard AWS_ENDPOINT_URL_DYNAMODB / AWS_ENDPOINT_URL),
+    # so the copy can sit in another region, account or emulator.
+    replica_region: str | None = None
+    replica_endpoint: str | None = None
+    # Whether TTL expiries (REMOVEs by the DynamoDB service) delete the copy too.
+    replica_ttl_deletes: bool = True
 
     def endpoint(self, service: str) -> str | None:
         return self.endpoints.get(service) or self.endpoints.get("")
@@ -89,6 +99,11 @@ class Settings:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SERVICES = ("kinesis", "dynamodb", "dynamodbstreams", "cloudwatch", "sqs", "ses", "firehose", "s3")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
+_TABLE_ARN = re.compile(r"^arn:aws[a-z-]*:dynamodb:(?P<region>[a-z0-9-]+):\d{12}:table/(?P<name>[A-Za-z0-9_.-]{3,255})$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+_URL = re.compile(r"^https?://[^\s/]+")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -115,6 +130,17 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     if not value >= minimum:
         raise SettingsError(f"{PREFIX}{name}={raw!r} must be >= {minimum}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise SettingsError(f"{PREFIX}{name}={raw!r} is not a boolean (true or false)")
 
 
 def parse_position(raw: str, name: str = PREFIX + "INITIAL_POSITION") -> str | datetime:
@@ -149,7 +175,7 @@ def _endpoints(env: Mapping[str, str]) -> dict[str, str]:
         if value:
             found[service] = value
     for key, value in found.items():
-        if not re.match(r"^https?://[^\s/]+", value):
+        if not _URL.match(value):
             var = "AWS_ENDPOINT_URL" + ("_" + key.upper() if key else "")
             raise SettingsError(f"{var}={value!r} is not an http(s) URL")
     return found
@@ -184,6 +210,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{PREFIX}LOG_LEVEL={level!r}: expected one of {', '.join(_LOG_LEVELS)}")
     position_raw = env.get(PREFIX + "INITIAL_POSITION")
     position = parse_position(position_raw) if position_raw else None
+    endpoints = _endpoints(env)
     defaults = Resources()
     resources = Resources(
         **{
@@ -197,7 +224,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         application_name=app,
         worker_id=env.get(PREFIX + "WORKER_ID") or None,
         initial_position=position,
-        endpoints=_endpoints(env),
+        endpoints=endpoints,
         resources=resources,
         log_level=level,
         checkpoint_every_records=_int(env, "CHECKPOINT_EVERY_RECORDS", 1000, minimum=1),
@@ -208,6 +235,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_record_age_seconds=_float(env, "MAX_RECORD_AGE_SECONDS", 0.0),
         **_reliability(env),
         health=load_health(env),
+        **_replica(env, region, resources, endpoints),
     )
 
 
@@ -222,6 +250,34 @@ def load_health(env: Mapping[str, str] | None = None) -> HealthSettings:
             f"{PREFIX}HEARTBEAT_STALE_SECONDS={stale:g} must be at least twice {PREFIX}HEARTBEAT_INTERVAL_SECONDS={interval:g}"
         )
     return HealthSettings(heartbeat_file=Path(path), stale_seconds=stale, interval_seconds=interval)
+
+
+def _replica(env: Mapping[str, str], region: str, resources: Resources, endpoints: Mapping[str, str]) -> dict:
+    """The replica table's name (or ARN), region and endpoint, checked together."""
+    table = resources.replica_table
+    arn = _TABLE_ARN.match(table)
+    if not arn and not _TABLE_NAME.match(table):
+        raise SettingsError(f"{PREFIX}REPLICA_TABLE={table!r} is not a DynamoDB table name or table ARN")
+    replica_region = env.get(PREFIX + "REPLICA_REGION") or None
+    if replica_region is not None and not _REGION.match(replica_region):
+        raise SettingsError(f"{PREFIX}REPLICA_REGION={replica_region!r} is not an AWS region (e.g. eu-west-1)")
+    if arn and replica_region and arn["region"] != replica_region:
+        raise SettingsError(f"{PREFIX}REPLICA_TABLE={table!r} is in {arn['region']}, not"
+                            f" {PREFIX}REPLICA_REGION={replica_region!r}")
+    replica_region = replica_region or (arn["region"] if arn else None)
+    endpoint = env.get(PREFIX + "REPLICA_ENDPOINT") or None
+    if endpoint is not None and not _URL.match(endpoint):
+        raise SettingsError(f"{PREFIX}REPLICA_ENDPOINT={endpoint!r} is not an http(s) URL")
+    same_endpoint = (endpoint or endpoints.get("dynamodb") or endpoints.get("")) == (
+        endpoints.get("dynamodb") or endpoints.get(""))
+    if not arn and table == resources.orders_table and (replica_region or region) == region and same_endpoint:
+        # The copy's writes would be changes of the orders table: each one replicated again.
+        raise SettingsError(f"{PREFIX}REPLICA_TABLE={table!r} is the orders table itself (same region and endpoint)")
+    return {
+        "replica_region": replica_region,
+        "replica_endpoint": endpoint,
+        "replica_ttl_deletes": _bool(env, "REPLICA_TTL_DELETES", True),
+    }
 
 
 def _reliability(env: Mapping[str, str]) -> dict[str, float | int]:

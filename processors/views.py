@@ -25,13 +25,14 @@ change would bring it back. Readers skip tombstones (``attribute_not_exists(dele
 TTL must be enabled on ``expires_at`` to clear them.
 
 The conditions rule out BatchWriteItem (no conditions). The puts of a handler call go 100
-to a TransactWriteItems, each with its own condition; the transaction is cancelled when
-any condition fails, and CancellationReasons say which: those rows are stale, and the
-transaction is sent again without them (rare: a redelivery or an overtaken change). A row
-two changes of the call write is put once, with the newer change's content and version.
-A request DynamoDB refuses as a whole (ValidationException) is retried row by row, so
-that one bad row fails only its own change. Transactions cost twice the write capacity of
-plain puts; one call per 100 rows instead of one per row is what keeps up with a shard.
+to a TransactWriteItems, each with its own condition (processors/_conditional.py); the
+transaction is cancelled when any condition fails, and CancellationReasons say which: those
+rows are stale, and the transaction is sent again without them (rare: a redelivery or an
+overtaken change). A row two changes of the call write is put once, with the newer change's
+content and version. A request DynamoDB refuses as a whole (ValidationException) is retried
+row by row, so that one bad row fails only its own change. Transactions cost twice the
+write capacity of plain puts; one call per 100 rows instead of one per row is what keeps up
+with a shard.
 Naturally idempotent: a redelivered change is stale against its own rows.
 """
 
@@ -42,16 +43,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
-
 from orders_cdc.attrvalue import marshal
 from orders_cdc.change import ChangeRecord, EventName
-from orders_cdc.counters import MAX_TRANSACTION_ITEMS
-from orders_cdc.errors import error_code
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
 from processors import _order
 from processors._batch import raise_failures
+from processors._conditional import ConditionalPut, put_all
 
 if TYPE_CHECKING:
     from orders_cdc.app import Context
@@ -137,60 +135,6 @@ def _request(table: str, put: _Put) -> dict[str, Any]:
     }
 
 
-def _put_one(ddb, table: str, put: _Put) -> bool:
-    """Conditional PutItem; False when the row already holds this or a newer version."""
-    try:
-        ddb.put_item(**_request(table, put))
-    except ClientError as exc:
-        if error_code(exc) == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
-
-
-def _transact(ddb, table: str, puts: list[_Put], failures: dict[int, BaseException]) -> int:
-    """Write `puts` (at most 100) in transactions; returns how many were stale."""
-    stale = 0
-    while puts:
-        if len(puts) == 1:  # a plain conditional put: half a transaction's write capacity
-            return stale + _one_by_one(ddb, table, puts, failures)
-        try:
-            ddb.transact_write_items(TransactItems=[{"Put": _request(table, p)} for p in puts])
-            return stale
-        except ClientError as exc:
-            code = error_code(exc)
-            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons") or []]
-            if code == "ValidationException" or (code == "TransactionCanceledException" and len(reasons) == len(puts)
-                                                 and "ValidationError" in reasons):
-                return stale + _one_by_one(ddb, table, puts, failures)
-            if code != "TransactionCanceledException" or len(reasons) != len(puts) or any(
-                    r not in (None, "None", "ConditionalCheckFailed") for r in reasons):
-                _fail(puts, exc, failures)
-                return stale
-            stale += reasons.count("ConditionalCheckFailed")
-            puts = [p for p, r in zip(puts, reasons) if r != "ConditionalCheckFailed"]
-        except Exception as exc:  # noqa: BLE001 - fails the changes whose rows were in it
-            _fail(puts, exc, failures)
-            return stale
-    return stale
-
-
-def _one_by_one(ddb, table: str, puts: list[_Put], failures: dict[int, BaseException]) -> int:
-    stale = 0
-    for put in puts:
-        try:
-            stale += not _put_one(ddb, table, put)
-        except Exception as exc:  # noqa: BLE001 - this row's changes only
-            _fail([put], exc, failures)
-    return stale
-
-
-def _fail(puts: list[_Put], exc: BaseException, failures: dict[int, BaseException]) -> None:
-    for put in puts:
-        for i in put.writers:
-            failures.setdefault(i, exc)
-
-
 def product_orders(changes: Sequence[ChangeRecord], ctx: Context) -> None:
     ddb = ctx.clients.dynamodb
     table = ctx.settings.resources.product_orders_table
@@ -209,10 +153,14 @@ def product_orders(changes: Sequence[ChangeRecord], ctx: Context) -> None:
                 earlier.writers = writers
             else:
                 puts[key] = _Put(item, us, seq, writers)
-    pending = list(puts.values())
-    stale = 0
-    for start in range(0, len(pending), MAX_TRANSACTION_ITEMS):
-        stale += _transact(ddb, table, pending[start : start + MAX_TRANSACTION_ITEMS], failures)
+    requests = []
+    for put in puts.values():
+        try:
+            requests.append(ConditionalPut(_request(table, put), put.writers))
+        except Exception as exc:  # noqa: BLE001 - a row that cannot be marshalled fails its changes only
+            for i in put.writers:
+                failures.setdefault(i, exc)
+    stale = put_all(ddb, requests, failures)
     if stale:
         # Expected under at-least-once delivery: a duplicate, or a change overtaken.
         log.info("stale rows ignored by the view", extra={"stale_rows": stale})

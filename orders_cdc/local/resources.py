@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from orders_cdc.deadletter import MAX_MESSAGE_BYTES
 from orders_cdc.local.stack import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 from orders_cdc.settings import Resources
+from processors import replication
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class ResourceNames(Resources):
             product_metrics_table=f"ProductMetrics-{suffix}", idempotency_table=f"Idempotency-{suffix}",
             dlq_queue=f"dlq-{suffix}", refund_queue=f"refunds-{suffix}", analytics_bucket=f"analytics-{suffix}",
             dead_letter_bucket=f"dead-letters-{suffix}",
-            firehose_stream=f"analytics-{suffix}", sender_email=f"orders-{suffix}@example.com", **kw,
+            firehose_stream=f"analytics-{suffix}", sender_email=f"orders-{suffix}@example.com",
+            replica_table=f"OrdersReplica-{suffix}", **kw,
         )
 
 
@@ -88,6 +90,10 @@ def create_resources(
     _table(c.dynamodb, names.idempotency_table, [("id", "S")])
     _ttl(c.dynamodb, names.idempotency_table, names.idempotency_ttl_attribute)
     _ttl(c.dynamodb, names.product_orders_table, "expires_at")  # the view's tombstones
+    # The replica has the orders table's key; TTL clears its tombstones. Locally it sits on
+    # the same moto server (in AWS it may be in another region or account).
+    _table(c.dynamodb, names.replica_table, [("order_id", "S")])
+    _ttl(c.dynamodb, names.replica_table, replication.EXPIRES_AT)
     # create_queue is idempotent when the attributes match.
     queue_urls = {q: c.sqs.create_queue(QueueName=q, Attributes={"MaximumMessageSize": str(MAX_MESSAGE_BYTES)})["QueueUrl"]
                   for q in (names.dlq_queue, names.refund_queue)}

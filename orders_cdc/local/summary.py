@@ -12,6 +12,7 @@ import orjson
 from rich.table import Table
 
 from orders_cdc.local.resources import ResourceNames
+from processors.replication import DELETED
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Snapshot:
     refunds: int = 0
     dead_letters: int = 0
     inventory_moves: int = 0
+    orders_in_table: int = 0
+    orders_in_replica: int = 0  # live copies (tombstones not counted)
     lag_p50_s: float | None = None
     lag_max_s: float | None = None
 
@@ -63,6 +66,16 @@ class Summary:
         attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
+    def _count(self, table: str, **kwargs) -> int:
+        """Items in `table` (every page: a scan counts at most 1 MB of items per call)."""
+        count = 0
+        while True:
+            page = self.c["dynamodb"].scan(TableName=table, Select="COUNT", **kwargs)
+            count += page["Count"]
+            if "LastEvaluatedKey" not in page:
+                return count
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
     def snapshot(self, orders_written: int) -> Snapshot:
         self._read_analytics()
         recent = self._lags[-200:]
@@ -73,7 +86,9 @@ class Summary:
             emails=int(self.c["ses"].get_send_quota().get("SentLast24Hours", 0)),
             refunds=self._queue_depth(self.names.refund_queue),
             dead_letters=self._queue_depth(self.names.dlq_queue),
-            inventory_moves=self.c["dynamodb"].scan(TableName=self.names.inventory_table, Select="COUNT")["Count"],
+            inventory_moves=self._count(self.names.inventory_table),
+            orders_in_table=self._count(self.names.orders_table),
+            orders_in_replica=self._count(self.names.replica_table, FilterExpression=f"attribute_not_exists({DELETED})"),
             lag_p50_s=median(recent) if recent else None,
             lag_max_s=max(recent) if recent else None,
         )
@@ -91,6 +106,7 @@ def render(snap: Snapshot, elapsed_s: float) -> Table:
     table.add_row("emails sent (SES)", str(snap.emails))
     table.add_row("refund requests (SQS)", str(snap.refunds))
     table.add_row("inventory rows", str(snap.inventory_moves))
+    table.add_row("orders: in the table / in the replica", f"{snap.orders_in_table} / {snap.orders_in_replica}")
     table.add_row("dead letters", str(snap.dead_letters))
     lag = "—" if snap.lag_p50_s is None else f"p50 {snap.lag_p50_s:.2f}s, max {snap.lag_max_s:.2f}s"
     table.add_row("lag, write → analytics (last 200)", lag)
@@ -101,4 +117,5 @@ def one_line(snap: Snapshot, elapsed_s: float) -> str:
     shards = " ".join(f"{str(k)[-4:]}={v}" for k, v in sorted(snap.per_shard.items(), key=lambda kv: str(kv[0])))
     lag = "-" if snap.lag_p50_s is None else f"{snap.lag_p50_s:.2f}s/{snap.lag_max_s:.2f}s"
     return (f"[{elapsed_s:5.0f}s] writes={snap.orders_written} consumed[{shards}] emails={snap.emails} "
-            f"refunds={snap.refunds} inventory_rows={snap.inventory_moves} dlq={snap.dead_letters} lag p50/max={lag}")
+            f"refunds={snap.refunds} inventory_rows={snap.inventory_moves} "
+            f"orders/replica={snap.orders_in_table}/{snap.orders_in_replica} dlq={snap.dead_letters} lag p50/max={lag}")

@@ -71,8 +71,10 @@ def test_list_then_redrive(stack):
 def test_a_letter_kept_in_s3_is_listed_and_redriven_whole(stack):
     names, clients, created, env = stack
     url = created.queue_urls[names.dlq_queue]
-    item = {"order_id": "r-9", "status": "pending", "notes": "x" * 800_000}  # a 1 MiB record once in base64
-    record = kcl_record(kds_record("INSERT", new=item, old=None, keys={"order_id": "r-9"}, table=names.orders_table),
+    # Both images near DynamoDB's 400 KB item limit: over SQS's 1 MiB once in base64.
+    old = {"order_id": "r-9", "status": "pending", "notes": "x" * 400_000}
+    new = {**old, "status": "processing", "notes": "y" * 400_000}
+    record = kcl_record(kds_record("MODIFY", new=new, old=old, keys={"order_id": "r-9"}, table=names.orders_table),
                         sequence_number(9))
     letter = DeadLetter(record=record, shard_id="shardId-000000000000", sequence_number=record["sequenceNumber"],
                         sub_sequence_number=0, reason="downstream was down", error_type="X", attempts=5)

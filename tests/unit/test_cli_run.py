@@ -11,6 +11,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from orders_cdc.local.stack import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -113,3 +115,23 @@ def test_run_check_reports_a_bad_setting_in_one_line():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ORDERS_CDC_"))}
     code, lines = check({**env, "AWS_REGION": "us-east-1", "ORDERS_CDC_MAX_ATTEMPTS": "many"}, ROOT / "app.properties")
     assert (code, lines) == (1, ["orders-cdc: ORDERS_CDC_MAX_ATTEMPTS='many' is not an integer"])
+
+
+def test_run_check_probes_the_replica_table_in_its_own_region_and_endpoint(moto_resources):
+    names, clients, _, env = moto_resources
+    env = {**env, "ORDERS_CDC_STREAM": names.stream}
+    endpoint = env["AWS_ENDPOINT_URL"]
+    code, lines = check({**env, "ORDERS_CDC_REPLICA_REGION": "eu-west-1"}, ROOT / "app.properties")
+    assert (code, lines) == (1, [f"orders-cdc: replica table {names.replica_table!r} (in eu-west-1 at {endpoint}) does not exist"])
+
+    eu = boto3.client("dynamodb", region_name="eu-west-1", endpoint_url=endpoint, aws_access_key_id="test",
+                      aws_secret_access_key="test")
+    eu.create_table(TableName=names.replica_table, KeySchema=[{"AttributeName": "order_id", "KeyType": "HASH"}],
+                    AttributeDefinitions=[{"AttributeName": "order_id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    code, lines = check({**env, "ORDERS_CDC_REPLICA_REGION": "eu-west-1"}, ROOT / "app.properties")
+    assert code == 0, lines
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, lines = check({**env, "ORDERS_CDC_REPLICA_ENDPOINT": closed}, ROOT / "app.properties")
+    assert (code, len(lines)) == (1, 1) and lines[0].startswith(f"orders-cdc: replica table {names.replica_table!r}"
+                                                                f" (in us-east-1 at {closed}): cannot reach"), lines

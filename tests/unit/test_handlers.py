@@ -197,7 +197,8 @@ def inject(stack: Stack, service: str, method: str, rewrite) -> Faulty:
 # ---------------------------------------------------------------------------------------------
 # Routes
 
-BASE = {"analytics.firehose_copy", "audit.firehose_audit", "views.product_orders", "metrics.aggregates"}
+BASE = {"analytics.firehose_copy", "audit.firehose_audit", "views.product_orders", "metrics.aggregates",
+        "replication.orders_replica"}
 o = order("o-1")
 
 
@@ -228,10 +229,21 @@ def test_route_matching(record, expected):
     assert {r.name for r in router.match(record())} == expected
 
 
+def test_a_ttl_expiry_reaches_the_replica_only_when_ttl_deletes_are_replicated():
+    resources = load({"AWS_REGION": "us-east-1"}).resources
+    expired = remove(o, ttl=True)
+    on = {r.name for r in Router(all_routes(resources)).match(expired)}
+    off = {r.name for r in Router(all_routes(resources, replica_ttl_deletes=False)).match(expired)}
+    assert on - off == {"replication.orders_replica"} and "replication.orders_replica" not in off
+    # an application REMOVE is replicated either way
+    assert "replication.orders_replica" in {r.name for r in Router(all_routes(resources, replica_ttl_deletes=False)).match(remove(o))}
+
+
 def test_every_module_contributes_routes_with_unique_names():
     names = [r.name for r in all_routes(load({"AWS_REGION": "us-east-1"}).resources)]
-    assert len(names) == len(set(names)) == 10
-    assert {n.split(".")[0] for n in names} == {"analytics", "audit", "views", "metrics", "inventory", "refunds", "notification"}
+    assert len(names) == len(set(names)) == 11
+    assert {n.split(".")[0] for n in names} == {"analytics", "audit", "views", "metrics", "inventory", "refunds", "notification",
+                                                "replication"}
 
 
 # ---------------------------------------------------------------------------------------------

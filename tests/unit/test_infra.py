@@ -259,7 +259,7 @@ def _known_variables() -> set[str]:
     prefix = settings_module.PREFIX
     source = Path(settings_module.__file__).read_text()
     read_by_loader = set(re.findall(r'PREFIX \+ "([A-Z_]+)"', source))
-    read_by_loader |= set(re.findall(r'_(?:int|float)\(env, "([A-Z_]+)"', source))
+    read_by_loader |= set(re.findall(r'_(?:int|float|bool)\(env, "([A-Z_]+)"', source))
     read_by_loader |= {name.upper() for name in settings_module.Resources.__dataclass_fields__}
     documented = set(re.findall(r"`(ORDERS_CDC_[A-Z_]+)`", (ROOT / "README.md").read_text()))
     return {prefix + name for name in read_by_loader} | documented

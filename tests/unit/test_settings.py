@@ -78,3 +78,70 @@ def test_the_properties_file_never_gets_a_line_a_value_did_not_mean():
 
     with pytest.raises(ValueError, match="workerId"):
         properties.render({"workerId": "w-1\nexecutableName = sh"})
+
+
+# ---- the replica (replication.orders_replica)
+
+ARN = "arn:aws:dynamodb:eu-west-1:123456789012:table/OrdersCopy"
+
+
+def test_replica_defaults_are_the_app_region_and_endpoint_and_ttl_expiries_replicated():
+    s = load(BASE)
+    assert (s.resources.replica_table, s.replica_region, s.replica_endpoint, s.replica_ttl_deletes) == \
+        ("OrdersReplica", None, None, True)
+    assert s.resources.environment()["ORDERS_CDC_REPLICA_TABLE"] == "OrdersReplica"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("false", False), ("0", False), ("No", False), ("off", False),
+                                               ("TRUE", True), ("1", True), ("yes", True), ("", True)])
+def test_replica_ttl_deletes_is_a_boolean(raw, expected):
+    assert load({**BASE, "ORDERS_CDC_REPLICA_TTL_DELETES": raw}).replica_ttl_deletes is expected
+
+
+def test_replica_table_region_and_endpoint_are_read_once_and_an_arn_gives_its_region():
+    s = load({**BASE, "ORDERS_CDC_REPLICA_TABLE": "Copy", "ORDERS_CDC_REPLICA_REGION": "eu-central-1",
+              "ORDERS_CDC_REPLICA_ENDPOINT": "http://127.0.0.1:8000"})
+    assert (s.resources.replica_table, s.replica_region, s.replica_endpoint) == ("Copy", "eu-central-1", "http://127.0.0.1:8000")
+    assert load({**BASE, "ORDERS_CDC_REPLICA_TABLE": ARN}).replica_region == "eu-west-1"
+    # the orders table's name is fine where it is another table: another region or endpoint
+    assert load({**BASE, "ORDERS_CDC_REPLICA_TABLE": "Orders", "ORDERS_CDC_REPLICA_REGION": "eu-west-1"}).replica_region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ORDERS_CDC_REPLICA_TTL_DELETES": "maybe"}, "ORDERS_CDC_REPLICA_TTL_DELETES='maybe' is not a boolean (true or false)"),
+        ({"ORDERS_CDC_REPLICA_REGION": "Mars"}, "ORDERS_CDC_REPLICA_REGION='Mars' is not an AWS region (e.g. eu-west-1)"),
+        ({"ORDERS_CDC_REPLICA_ENDPOINT": "localhost:8000"}, "ORDERS_CDC_REPLICA_ENDPOINT='localhost:8000' is not an http(s) URL"),
+        ({"ORDERS_CDC_REPLICA_TABLE": "a b"}, "ORDERS_CDC_REPLICA_TABLE='a b' is not a DynamoDB table name or table ARN"),
+        ({"ORDERS_CDC_REPLICA_TABLE": ARN, "ORDERS_CDC_REPLICA_REGION": "us-east-2"},
+         f"ORDERS_CDC_REPLICA_TABLE='{ARN}' is in eu-west-1, not ORDERS_CDC_REPLICA_REGION='us-east-2'"),
+        ({"ORDERS_CDC_REPLICA_TABLE": "Orders"},
+         "ORDERS_CDC_REPLICA_TABLE='Orders' is the orders table itself (same region and endpoint)"),
+        ({"ORDERS_CDC_REPLICA_TABLE": "Orders", "ORDERS_CDC_REPLICA_REGION": "us-east-1"}, "is the orders table itself"),
+        ({"ORDERS_CDC_REPLICA_TABLE": "Orders", "AWS_ENDPOINT_URL": "http://127.0.0.1:5000",
+          "ORDERS_CDC_REPLICA_ENDPOINT": "http://127.0.0.1:5000"}, "is the orders table itself"),
+    ],
+)
+def test_bad_replica_settings_fail_in_one_line(env, message):
+    with pytest.raises(SettingsError) as info:
+        load({**BASE, **env})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_replica_client_has_its_own_region_and_endpoint_and_the_dynamodb_conventions():
+    from orders_cdc.app import Clients
+
+    clients = Clients(load({**BASE, "AWS_ENDPOINT_URL_DYNAMODB": "http://127.0.0.1:1", "ORDERS_CDC_MAX_IN_FLIGHT": "48",
+                            "ORDERS_CDC_REPLICA_REGION": "eu-west-1", "ORDERS_CDC_REPLICA_ENDPOINT": "http://127.0.0.1:2"}))
+    replica = clients.replica
+    assert replica is clients.replica, "built once"
+    assert (replica.meta.region_name, replica.meta.endpoint_url) == ("eu-west-1", "http://127.0.0.1:2")
+    assert (clients.dynamodb.meta.region_name, clients.dynamodb.meta.endpoint_url) == ("us-east-1", "http://127.0.0.1:1")
+    assert replica.meta.config.max_pool_connections == 48
+    assert (replica.meta.config.connect_timeout, replica.meta.config.read_timeout) == (2, 5)
+    assert replica.meta.config.retries["total_max_attempts"] == 3
+    # unset: the app's region and the standard DynamoDB endpoint
+    same = Clients(load({**BASE, "AWS_ENDPOINT_URL_DYNAMODB": "http://127.0.0.1:1"})).replica
+    assert (same.meta.region_name, same.meta.endpoint_url) == ("us-east-1", "http://127.0.0.1:1")
