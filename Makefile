@@ -10,7 +10,7 @@ STAMP := .local/stamps
 .PHONY: install run-local test test-fast test-integration test-faults bench local-down clean help soak
 
 help:
-	@echo "make install | run-local | test | test-fast | test-integration | bench | soak | local-down | clean"
+	@echo "make install | run-local | test | test-fast | test-integration | bench | soak | local-down | clean | deploy | destroy | infra-lint"
 
 install: $(STAMP)/venv $(STAMP)/localstack $(STAMP)/checkov
 
@@ -92,7 +92,7 @@ STACK ?= orders-cdc
 PARAMS ?=
 CHECKOV ?= $(CHECKOV_VENV)/bin/checkov
 
-.PHONY: deploy infra-lint
+.PHONY: deploy destroy infra-lint
 
 deploy:
 	docker build -f infra/ecs/Dockerfile -t $(IMAGE) .
@@ -100,6 +100,12 @@ deploy:
 	aws cloudformation deploy --template-file infra/ecs/template.yaml --stack-name $(STACK) \
 		--capabilities CAPABILITY_IAM --no-fail-on-empty-changeset \
 		--parameter-overrides Image=$(IMAGE) $(PARAMS)
+
+# Deletes the stack and waits: first empties the buckets the stack deletes (versioned: every
+# version and delete marker), keeps the Retain resources (Orders, its replica, the analytics
+# bucket) and lists them, with the KCL's own tables. Asks for the stack's name unless YES=1.
+destroy: install
+	$(PY) infra/ecs/destroy.py --stack $(STACK) $(if $(YES),--yes,)
 
 # cfn-lint, hadolint and checkov, all installed by `make install`.
 infra-lint: install
