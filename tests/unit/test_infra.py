@@ -513,3 +513,18 @@ def test_the_replica_table_has_the_orders_key_and_is_configured(resources, conta
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert env["ORDERS_CDC_REPLICA_TABLE"] == {"Ref": "OrdersReplicaTable"}
     assert env["ORDERS_CDC_REPLICA_REGION"] == {"Ref": "AWS::Region"}
+
+
+def test_the_readmes_sizing_table_is_the_templates_and_the_rules(template):
+    readme = (ROOT / "README.md").read_text()
+    deploy = readme[readme.index("## Deploy"):]
+    deploy = deploy[:deploy.index("\n## ", 1)]
+    assert f"**{CHILD_PEAK_RSS_MIB:.0f} MiB at the deployed `maxRecords` {SIZED_AT_MAX_RECORDS:,}**" in deploy
+    rows = re.findall(r"^\| (\d+) \| (\d+) vCPU \| (\d+) \| ([\d,]+) \| `-Xmx(\d+)m` \| (\d+) \|$", deploy, flags=re.M)
+    sizing = template["Mappings"]["TaskSizing"]
+    assert [r[0] for r in rows] == list(sizing)
+    for shards, vcpu, memory, needed, heap, leases in rows:
+        row, n = sizing[shards], int(shards)
+        assert (int(vcpu) * 1024, memory, heap, int(leases)) == (int(row["Cpu"]), row["Memory"], row["HeapMiB"], n)
+        rule = HEADROOM * (int(heap) + JVM_OFF_HEAP_AND_WRAPPER_MIB + n * CHILD_PEAK_RSS_MIB)
+        assert int(needed.replace(",", "")) == round(rule), (shards, rule)
