@@ -241,10 +241,8 @@ class Recorder:
             self.calls.append((model.service_model.service_name, model.name, dict(params)))
 
 
-@pytest.fixture
-def recorder(monkeypatch) -> Recorder:
-    """Every botocore client created while the test runs records its calls, once `active`."""
-    recorder = Recorder()
+def _record_clients(monkeypatch: pytest.MonkeyPatch, recorder: Recorder) -> None:
+    """Every botocore client created from now on records its calls (while `recorder.active`)."""
     create_client = botocore.session.Session.create_client
 
     def recording_create_client(self, *args, **kwargs):
@@ -253,7 +251,6 @@ def recorder(monkeypatch) -> Recorder:
         return client
 
     monkeypatch.setattr(botocore.session.Session, "create_client", recording_create_client)
-    return recorder
 
 
 class _Checkpoints(Checkpointer):
@@ -345,15 +342,25 @@ def _run_a_task(deployed: cfn.Deployed, monkeypatch, recorder: Recorder) -> None
     assert checkpoints.positions[-1] == (records[-1]["sequenceNumber"], 0)
 
 
-def test_task_role_grants_exactly_what_the_task_calls(deployed, monkeypatch, recorder):
-    _run_a_task(deployed, monkeypatch, recorder)
+@pytest.fixture(scope="module")
+def task_calls(deployed) -> list[tuple[str, str, dict[str, Any]]]:
+    """The calls of one task's start and one child's batch on the deployed stack (once per module,
+    so the tests below do not depend on each other's order)."""
+    recorder = Recorder()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _record_clients(monkeypatch, recorder)
+        _run_a_task(deployed, monkeypatch, recorder)
+    return recorder.calls
+
+
+def test_task_role_grants_exactly_what_the_task_calls(deployed, task_calls):
     ids = {logical: physical for logical, (_, physical) in deployed.physical_ids().items()}
     env = deployed.container_environment()
 
-    ours = [r for service, op, params in recorder.calls for r in requests_for(service, op, params)]
+    ours = [r for service, op, params in task_calls for r in requests_for(service, op, params)]
     RECORDED.parent.mkdir(parents=True, exist_ok=True)
     RECORDED.write_text(json.dumps({
-        "calls": sorted({f"{service}:{op}" for service, op, _ in recorder.calls}),
+        "calls": sorted({f"{service}:{op}" for service, op, _ in task_calls}),
         "iam": sorted({f"{r.action} {r.resources[0]}" for r in ours}),
     }, indent=2) + "\n")
     every = ours + kcl_requests(env["ORDERS_CDC_APPLICATION"], env["ORDERS_CDC_STREAM"])
@@ -376,11 +383,10 @@ def test_task_role_grants_exactly_what_the_task_calls(deployed, monkeypatch, rec
     assert landed == [], "the replication route calls these now: delete EXPECTED_FROM_REPLICATION_ROUTE"
 
 
-def test_the_recorded_batch_reached_every_downstream(deployed):
-    """The calls above were real: what the batch did is in moto (a guard against a driver
-    that silently stopped exercising a route)."""
-    recorded = json.loads(RECORDED.read_text()) if RECORDED.exists() else pytest.skip("runs after the role test")
-    calls = set(recorded["calls"])
+def test_the_recorded_run_reached_every_downstream(deployed, task_calls):
+    """The run covers every kind of call, and they were real: what the batch did is in moto
+    (a guard against a driver that silently stopped exercising a route)."""
+    calls = {f"{service}:{op}" for service, op, _ in task_calls}
     assert {"ses:SendEmail", "sqs:SendMessageBatch", "s3:PutObject", "firehose:PutRecordBatch",
             "dynamodb:TransactWriteItems", "dynamodb:BatchWriteItem", "dynamodb:PutItem",
             "kinesis:DescribeStreamSummary", "s3:HeadBucket"} <= calls, calls
