@@ -87,7 +87,7 @@ clean:
 # registry URI the tasks can pull (ECR). PARAMS: the template's other parameters, e.g.
 #   make deploy IMAGE=123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc:1.0.0 \
 #     PARAMS="Subnets=subnet-a,subnet-b SecurityGroups=sg-1 SenderEmail=orders@shop.example"
-IMAGE ?= orders-cdc:latest
+IMAGE ?=
 STACK ?= orders-cdc
 PARAMS ?=
 CHECKOV ?= $(CHECKOV_VENV)/bin/checkov
@@ -95,6 +95,7 @@ CHECKOV ?= $(CHECKOV_VENV)/bin/checkov
 .PHONY: deploy destroy infra-lint
 
 deploy:
+	@test -n "$(IMAGE)" || { echo "make deploy: IMAGE=ACCOUNT.dkr.ecr.REGION.amazonaws.com/orders-cdc:TAG is required" >&2; exit 2; }
 	docker build -f infra/ecs/Dockerfile -t $(IMAGE) .
 	docker push $(IMAGE)
 	aws cloudformation deploy --template-file infra/ecs/template.yaml --stack-name $(STACK) \

@@ -52,9 +52,13 @@ class Deployed:
         return {e["name"]: e["value"] for e in container["environment"]}
 
     def task_role_policy(self) -> dict[str, Any]:
+        return self.role_policy("TaskRole")
+
+    def role_policy(self, logical_id: str) -> dict[str, Any]:
+        """The inline policy of one of the stack's roles, its ARNs resolved."""
         iam = self.client("iam")
         role = next(r["RoleName"] for r in iam.list_roles(MaxItems=1000)["Roles"]
-                    if r["RoleName"].startswith(f"{self.name}-TaskRole-"))
+                    if r["RoleName"].startswith(f"{self.name}-{logical_id}-"))
         (policy,) = iam.list_role_policies(RoleName=role)["PolicyNames"]
         document = iam.get_role_policy(RoleName=role, PolicyName=policy)["PolicyDocument"]
         # moto's server hands back the stored document as Python's repr of a dict.

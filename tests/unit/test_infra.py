@@ -349,6 +349,15 @@ def test_stack_creates_on_moto(moto_server):
         declared = cfn_yaml.load(str(TEMPLATE))["Resources"]
         assert {rid for rid, r in declared.items() if r["Type"] not in cfn.NOT_IN_MOTO} <= set(created)
         _assert_created(deployed.client, deployed.name, deployed.status)
+        # The execution role pulls from the image's repository only and writes the task's logs.
+        statements = {st["Sid"]: st for st in deployed.role_policy("ExecutionRole")["Statement"]}
+        assert statements["PullImage"]["Resource"] == [
+            "arn:aws:ecr:us-east-1:123456789012:repository/orders-cdc",
+            "arn:aws:ecr:us-east-1:123456789012:repository/orders-cdc/*"]
+        assert statements["EcrLogin"] == {"Sid": "EcrLogin", "Effect": "Allow", "Action": "ecr:GetAuthorizationToken",
+                                          "Resource": "*"}
+        assert statements["ContainerLogs"]["Resource"].startswith(
+            f"arn:aws:logs:us-east-1:123456789012:log-group:/ecs/{deployed.name}")
     finally:
         deployed.delete()
 
@@ -529,3 +538,24 @@ def test_the_readmes_sizing_table_is_the_templates_and_the_rules(template):
         assert (int(vcpu) * 1024, memory, heap, int(leases)) == (int(row["Cpu"]), row["Memory"], row["HeapMiB"], n)
         rule = HEADROOM * (int(heap) + JVM_OFF_HEAP_AND_WRAPPER_MIB + n * CHILD_PEAK_RSS_MIB)
         assert int(needed.replace(",", "")) == round(rule), (shards, rule)
+
+
+@pytest.mark.parametrize(("image", "ok"), [
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc:1.0.0", True),
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/orders-cdc:1.0.0", True),
+    ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/orders-cdc@sha256:" + "a" * 64, True),
+    ("orders-cdc:latest", False),  # the execution role's repository ARN could not be read from it
+    ("docker.io/library/python:3.11", False),
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc", False),  # no tag: the template pins one
+])
+def test_the_image_must_be_an_ecr_uri_the_execution_role_can_be_scoped_to(template, image, ok):
+    pattern = template["Parameters"]["Image"]["AllowedPattern"]
+    assert bool(re.fullmatch(pattern, image)) is ok
+
+
+def test_the_execution_role_has_no_managed_policy(resources):
+    role = resources["ExecutionRole"]["Properties"]
+    assert "ManagedPolicyArns" not in role
+    actions = {a for st in role["Policies"][0]["PolicyDocument"]["Statement"] for a in _as_list(st["Action"])}
+    assert actions == {"ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer",
+                       "ecr:BatchGetImage", "logs:CreateLogStream", "logs:PutLogEvents"}
