@@ -559,3 +559,18 @@ def test_the_execution_role_has_no_managed_policy(resources):
     actions = {a for st in role["Policies"][0]["PolicyDocument"]["Statement"] for a in _as_list(st["Action"])}
     assert actions == {"ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer",
                        "ecr:BatchGetImage", "logs:CreateLogStream", "logs:PutLogEvents"}
+
+
+def test_the_kcls_lease_assignment_reads_max_leases_for_worker():
+    """KCL 3.x assigns leases in its LeaseAssignmentManager (not the 2.x lease taker alone): the
+    limit the task's size relies on must be read there (a class file holds the field's name)."""
+    import zipfile
+
+    from orders_cdc.kcl import daemon
+
+    (jar,) = [j for j in daemon.jars_dir().glob("amazon-kinesis-client-*.jar") if "multilang" not in j.name]
+    with zipfile.ZipFile(jar) as z:
+        manager = z.read("software/amazon/kinesis/coordinator/assignment/LeaseAssignmentManager.class")
+    name = b"maxLeasesForWorker"
+    assert len(name).to_bytes(2, "big") + name in manager
+    assert "maxLeasesForWorker" in properties.KNOWN_KEYS
