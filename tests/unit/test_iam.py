@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +37,6 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.session
 import pytest
 import requests
@@ -308,7 +308,7 @@ def _held_by_another_worker(deployed: cfn.Deployed, table: str, record: dict, ro
 def _run_a_task(deployed: cfn.Deployed, monkeypatch, recorder: Recorder) -> None:
     env = {**deployed.container_environment(), "AWS_ENDPOINT_URL": deployed.endpoint,
            "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY}
-    for name in [n for n in __import__("os").environ if n.startswith(("AWS_", "ORDERS_CDC_"))]:
+    for name in [n for n in os.environ if n.startswith(("AWS_", "ORDERS_CDC_"))]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -15,18 +15,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from cfnlint.decode import cfn_yaml
 
 from orders_cdc import metrics, settings as settings_module
 from orders_cdc.kcl import properties
-from orders_cdc.local.stack import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+from orders_cdc.local.stack import REGION
 from orders_cdc.pipeline import Outcome
 from tests import cfn
 
