@@ -17,7 +17,8 @@ mapped to the IAM action and resource AWS authorises (TransactWriteItems per ite
 UpdateItem, DeleteItem, ConditionCheckItem; BatchWriteItem per table; SendMessageBatch as
 SendMessage; HeadBucket as ListBucket). The KCL's own calls (it runs under the same role)
 are its documented list for a polling consumer, the Kinesis part checked against the
-operations its jars can call. The operator commands (`status`, `replay`, `dlq`) run with the
+operations its jars can call, the DynamoDB part against a recorded daemon run
+(tests/integration/test_kcl_calls.py). The operator commands (`status`, `replay`, `dlq`) run with the
 operator's credentials, not the task role, and are not part of this.
 
 The set of recorded calls is written to .local/iam/calls.json for reading.
