@@ -83,7 +83,7 @@ bench: install
 clean:
 	rm -rf $(VENV) $(LSVENV) .kcl .local
 
-# Deployment (infra/ecs/README.md). Needs Docker and AWS credentials; IMAGE must be a
+# Deployment (README, "Deploy"). Needs Docker and AWS credentials; IMAGE must be a
 # registry URI the tasks can pull (ECR). PARAMS: the template's other parameters, e.g.
 #   make deploy IMAGE=123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc:1.0.0 \
 #     PARAMS="Subnets=subnet-a,subnet-b SecurityGroups=sg-1 SenderEmail=orders@shop.example"
