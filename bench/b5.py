@@ -22,6 +22,7 @@ warm-up), the most calls in flight at once, the child's CPU (/proc/PID/stat) and
 
     python -m bench.b5 [--quick] [--profiles zero,aws,aws-p99]   (or python -m bench --only b5)
     python -m bench.b5 --spy [--profiles aws]                      (py-spy of our child, one batch)
+    python -m bench.b5 --sizing [--profiles aws]                   (our child's peak RSS at the deployed maxRecords)
 """
 
 from __future__ import annotations
@@ -254,6 +255,32 @@ def _c_fast_path() -> bool | None:
         return None
 
 
+# --- sizing: the child's memory at the deployed batch size ---------------------------------
+
+
+def sizing(profile: str = "aws", batches: int = 3) -> dict[str, Any]:
+    """Our child alone, fed full batches of the deployed ``maxRecords`` (infra/ecs/app.properties)
+    through real botocore at ``profile``'s latencies: its peak RSS (VmHWM) is the per-shard
+    figure of the task's memory rule (README, "Deploy")."""
+    from orders_cdc.kcl import properties
+
+    deployed = ROOT / "infra" / "ecs" / "app.properties"
+    size = int(properties.parse(deployed.read_text(), str(deployed))["maxRecords"].value)
+    from bench.orders import kds_docs
+
+    docs = kds_docs(size * batches + size)
+    fake = FakeAws(profile, f"sizing-{profile}")
+    try:
+        # The warm-up batch is a full one too: the high-water mark is what a task must hold.
+        side = run_side("ours", fake, build_batches(_warm_first(docs, size), size, batches, size), 1e9,
+                        f"sizing-{profile}")
+    finally:
+        fake.stop()
+    return {"profile": profile, "max_records": size, "batches_after_warmup": side["batches"],
+            "child_peak_rss_mb": side["child_peak_rss_mb"], "changes_per_s": side["changes_per_s"],
+            "max_in_flight": side["max_in_flight"], "transport": TRANSPORT}
+
+
 # --- py-spy: where our child's wall time and CPU go under a delay profile -------------------
 
 
@@ -355,12 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--spy", action="store_true", help="py-spy our child under each profile instead")
+    parser.add_argument("--sizing", action="store_true", help="our child's peak RSS at the deployed maxRecords")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())
     (WORK / "b5").mkdir(parents=True, exist_ok=True)
     if args.spy:
         result: Any = {p: spy(p) for p in profiles}
+    elif args.sizing:
+        result = {p: sizing(p) for p in profiles}
     else:
         result = run(profiles, args.quick, progress=lambda m: print(m, file=sys.stderr))
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()

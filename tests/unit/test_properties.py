@@ -73,8 +73,11 @@ def test_effective_properties_lay_the_environment_over_the_file(tmp_path):
         "AWS_ENDPOINT_URL": "http://127.0.0.1:4567",
         "AWS_ENDPOINT_URL_KINESIS": "http://127.0.0.1:4566",
         "ORDERS_CDC_INITIAL_POSITION": "2026-11-28T10:00:00Z",
+        "ORDERS_CDC_MAX_LEASES_FOR_WORKER": "4",
     }
+    assert "maxLeasesForWorker" not in daemon.effective_properties(load({"AWS_REGION": "eu-west-1"}), ROOT / "app.properties")
     values = daemon.effective_properties(load(env), ROOT / "app.properties", executable="py rp.py")
+    assert values["maxLeasesForWorker"] == "4"
     assert values["executableName"] == "py rp.py"
     assert values["streamName"] == "orders-stream"
     assert values["applicationName"] == "orders-cdc-prod"
