@@ -26,6 +26,20 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def private_moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto server for one test module alone: for tests that deploy and delete whole
+    CloudFormation stacks. moto's state dump (/moto-api/data.json, which other tests read)
+    fails once an object's bucket was deleted under it."""
+    server = MotoServer(tmp_path_factory.mktemp("moto-private"), free_port())
+    server.start()
+    try:
+        server.wait_ready(time.monotonic() + 30)
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def moto_resources(moto_server):
     """Every local resource under uuid-suffixed names on the shared moto server, and the
@@ -45,4 +59,9 @@ def moto_resources(moto_server):
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
         **names.environment(),
     }
-    return names, clients, created, env
+    yield names, clients, created, env
+    # moto allows 50 delivery streams per account, like Firehose: give this one back.
+    try:
+        clients.firehose.delete_delivery_stream(DeliveryStreamName=names.firehose_stream)
+    except clients.firehose.exceptions.ResourceNotFoundException:
+        pass

@@ -20,10 +20,10 @@ def _versions(s3, bucket: str) -> int:
     return len(reply.get("Versions", [])) + len(reply.get("DeleteMarkers", []))
 
 
-def test_destroy_empties_the_versioned_bucket_deletes_the_stack_and_keeps_the_retained(moto_server, capsys,
+def test_destroy_empties_the_versioned_bucket_deletes_the_stack_and_keeps_the_retained(private_moto_server, capsys,
                                                                                       monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)  # destroy.py's clients, as the standard variable says
-    stack = cfn.deploy(moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", private_moto_server)  # destroy.py's clients, as the standard variable says
+    stack = cfn.deploy(private_moto_server)
     assert stack.status["StackStatus"] == "CREATE_COMPLETE"
     ids = {logical: physical for logical, (_, physical) in stack.physical_ids().items()}
     s3, ddb = stack.client("s3"), stack.client("dynamodb")
@@ -65,8 +65,8 @@ def test_destroy_empties_the_versioned_bucket_deletes_the_stack_and_keeps_the_re
     assert f"DynamoDB table {stack.name}-app-CoordinatorState" in err and "kept (DeletionPolicy Retain): OrdersTable" in err
 
 
-def test_destroy_of_a_missing_stack_does_nothing(moto_server, capsys, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    session = cfn.Deployed(moto_server, "x", {}).session
+def test_destroy_of_a_missing_stack_does_nothing(private_moto_server, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", private_moto_server)
+    session = cfn.Deployed(private_moto_server, "x", {}).session
     assert destroy.destroy(session, "ocdc-never-created", delay=1, max_attempts=2) == 0
     assert "nothing to do" in capsys.readouterr().err

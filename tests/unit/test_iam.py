@@ -58,15 +58,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED_PROPERTIES = ROOT / "infra" / "ecs" / "app.properties"
 RECORDED = ROOT / ".local" / "iam" / "calls.json"
 
-# The replication route (replication.orders_replica) is on another branch; the template
-# already grants what it will call. Until it lands, these grants may go unused. Delete this
-# once the route is here: the test fails when the calls show up, to say so.
-EXPECTED_FROM_REPLICATION_ROUTE = {
-    ("dynamodb:PutItem", "OrdersReplicaTable"),
-    ("dynamodb:DeleteItem", "OrdersReplicaTable"),
-    ("dynamodb:DescribeTable", "OrdersReplicaTable"),
-}
-
 # Granted for a code path the run above cannot reach on DynamoDB (nor on moto): the lock's
 # fallback read (DynamoDbIdempotencyStore._get_one) when a refused conditional put comes back
 # without the item in the way; with ReturnValuesOnConditionCheckFailure=ALL_OLD DynamoDB
@@ -263,8 +254,8 @@ class _Checkpoints(Checkpointer):
 
 
 @pytest.fixture(scope="module")
-def deployed(moto_server) -> Iterator[cfn.Deployed]:
-    stack = cfn.deploy(moto_server)
+def deployed(private_moto_server) -> Iterator[cfn.Deployed]:
+    stack = cfn.deploy(private_moto_server)
     assert stack.status["StackStatus"] == "CREATE_COMPLETE", stack.status.get("StackStatusReason")
     try:
         yield stack
@@ -373,15 +364,10 @@ def test_task_role_grants_exactly_what_the_task_calls(deployed, task_calls):
 
     # 2. Every grant is called.
     used = {grant for r in every for grant in matching(r, granted)}
-    by_arn = {arn: logical for logical, physical in ids.items() for arn in (_table(physical),)}
-    pending = {(action, _table(ids[logical])) for action, logical in EXPECTED_FROM_REPLICATION_ROUTE}
     fallback = {(action, _table(ids[logical])) for action, logical in GRANTED_FOR_A_FALLBACK}
     unused = sorted(f"{g.sid}: {g.action} on {g.resource}" for g, _ in granted
-                    if g not in used and (g.action, g.resource) not in pending | fallback)
+                    if g not in used and (g.action, g.resource) not in fallback)
     assert unused == [], "granted to the task role but never called"
-    landed = sorted(f"{g.action} on {by_arn.get(g.resource, g.resource)}" for g in used
-                    if (g.action, g.resource) in pending)
-    assert landed == [], "the replication route calls these now: delete EXPECTED_FROM_REPLICATION_ROUTE"
 
 
 def test_the_recorded_run_reached_every_downstream(deployed, task_calls):

@@ -267,19 +267,12 @@ def _known_variables() -> set[str]:
     return {prefix + name for name in read_by_loader} | documented
 
 
-# The replication route (replication.orders_replica, issue on another branch) reads these;
-# until it lands here the settings loader does not. Delete this set once it has landed (the
-# test below fails then, to say so).
-PENDING_REPLICA_VARIABLES = {"ORDERS_CDC_REPLICA_TABLE", "ORDERS_CDC_REPLICA_REGION"}
-
-
 def test_task_environment_uses_only_names_the_settings_loader_knows(container):
     names = [e["Name"] for e in container["Environment"]]
     assert len(names) == len(set(names))
     known = _known_variables()
-    assert not PENDING_REPLICA_VARIABLES & known, "the replication route has landed: delete PENDING_REPLICA_VARIABLES"
     ours = [n for n in names if n.startswith(settings_module.PREFIX)]
-    unknown = sorted(set(ours) - known - PENDING_REPLICA_VARIABLES)
+    unknown = sorted(set(ours) - known)
     assert unknown == [], f"not read by orders_cdc.settings: {unknown}"
     assert set(names) - set(ours) <= {"AWS_REGION", "JAVA_TOOL_OPTIONS"}
     # Every downstream resource is configured, none left at its local default.
