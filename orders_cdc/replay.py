@@ -92,15 +92,11 @@ class Shard:
 
 
 def list_shards(kinesis, stream: str) -> list[Shard]:
-    shards, kwargs = [], {"StreamName": stream}
-    while True:
-        page = kinesis.list_shards(**kwargs)
-        for s in page["Shards"]:
-            parents = tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p)
-            shards.append(Shard(s["ShardId"], parents, "EndingSequenceNumber" in s.get("SequenceNumberRange", {})))
-        if not page.get("NextToken"):
-            return shards
-        kwargs = {"NextToken": page["NextToken"]}
+    from orders_cdc.leases import stream_shards
+
+    return [Shard(s["ShardId"], tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p),
+                  "EndingSequenceNumber" in s.get("SequenceNumberRange", {}))
+            for s in stream_shards(kinesis, stream).values()]
 
 
 def choose_shards(shards: Sequence[Shard], wanted: Sequence[str] | None) -> list[Shard]:

@@ -10,6 +10,16 @@ import pytest
 from orders_cdc.local.stack import MotoServer, free_port
 
 
+def _moto(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[str]:
+    server = MotoServer(tmp_path_factory.mktemp(name), free_port())
+    server.start()
+    try:
+        server.wait_ready(time.monotonic() + 30)
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto server (orders_cdc.local.moto_server) on 127.0.0.1 and a free port, for the whole session; yields its URL.
@@ -17,13 +27,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Its log is <tmp>/moto-server/logs/moto.log. Stopped by PID (its own process group).
     Tests share it: use unique resource names (e.g. a uuid suffix).
     """
-    server = MotoServer(tmp_path_factory.mktemp("moto-server"), free_port())
-    server.start()
-    try:
-        server.wait_ready(time.monotonic() + 30)
-        yield server.endpoint
-    finally:
-        server.stop()
+    yield from _moto(tmp_path_factory, "moto-server")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +35,7 @@ def private_moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     """A moto server for one test module alone: for tests that deploy and delete whole
     CloudFormation stacks. moto's state dump (/moto-api/data.json, which other tests read)
     fails once an object's bucket was deleted under it."""
-    server = MotoServer(tmp_path_factory.mktemp("moto-private"), free_port())
-    server.start()
-    try:
-        server.wait_ready(time.monotonic() + 30)
-        yield server.endpoint
-    finally:
-        server.stop()
+    yield from _moto(tmp_path_factory, "moto-private")
 
 
 @pytest.fixture
