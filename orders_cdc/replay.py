@@ -17,6 +17,7 @@ the rest) and back off on throttling with the pipeline's own backoff.
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import threading
 import time
@@ -253,6 +254,7 @@ class Replay:
     tally: Tally = field(default_factory=Tally)
     progress: dict[str, ShardProgress] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
+    _idle: queue.Queue = field(default_factory=queue.Queue, repr=False)
 
     def run(self) -> Tally:
         self.progress = {s.id: ShardProgress(s.id) for s in self.plan}
@@ -285,13 +287,20 @@ class Replay:
         reads = TokenBucket(SHARD_READS_PER_SECOND * self.read_share, burst=1)
         reader = ShardReader(self.kinesis, self.stream, shard, self.window, reads, self.limit,
                              sleep=self.sleep, stop=self.stop)
-        pipeline = self.new_pipeline()
-        for records in reader.batches(progress):
-            if self.dry_run:
-                self.tally.add_previews(pipeline.preview(records, shard))
-            else:
-                self.tally.add_results(pipeline.process(records, shard))
-            progress.records += len(records)
+        # At most `parallel` pipelines (each with its pool of call threads), reused shard after shard.
+        try:
+            pipeline = self._idle.get_nowait()
+        except queue.Empty:
+            pipeline = self.new_pipeline()
+        try:
+            for records in reader.batches(progress):
+                if self.dry_run:
+                    self.tally.add_previews(pipeline.preview(records, shard))
+                else:
+                    self.tally.add_results(pipeline.process(records, shard))
+                progress.records += len(records)
+        finally:
+            self._idle.put(pipeline)
         if self.stop.is_set():
             raise InterruptedError("stopped")
         progress.finished = True

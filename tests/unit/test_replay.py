@@ -271,3 +271,31 @@ def test_the_lease_reset_is_all_or_nothing_and_a_rerun_finishes_it(moto_resource
     assert leases.reset_to_timestamp(clients.dynamodb, table, leases.read_leases(clients.dynamodb, table)) == 3
     assert {lease.checkpoint for lease in leases.read_leases(clients.dynamodb, table)} == {"AT_TIMESTAMP"}
     assert leases.reset_to_timestamp(clients.dynamodb, table, leases.read_leases(clients.dynamodb, table)) == 0
+
+
+def test_at_most_parallel_pipelines_are_built_and_reused_shard_after_shard(moto_resources):
+    """Each pipeline has its own pool of call threads: one per shard would leak them."""
+    names, clients, created, env = moto_resources
+    stream = f"six-{names.stream}"
+    clients.kinesis.create_stream(StreamName=stream, ShardCount=6)
+    clients.kinesis.get_waiter("stream_exists").wait(StreamName=stream)
+    start = datetime.now(timezone.utc) - timedelta(seconds=1)
+    clients.kinesis.put_records(StreamName=stream, Records=[
+        {"Data": b"{}", "PartitionKey": "k", "ExplicitHashKey": str(i * (2**128 // 6))} for i in range(6)])
+    built, seen = [], []
+
+    class Counting:
+        """Stands in for the pipeline: counts what it is given and how many are built."""
+
+        def __init__(self):
+            built.append(self)
+
+        def process(self, records, shard_id):
+            seen.append((shard_id, len(records)))
+            return []
+
+    plan = replay.list_shards(clients.kinesis, stream)
+    window = replay.Window(start, datetime.now(timezone.utc), True)
+    replay.Replay(clients.kinesis, stream, window, plan, Counting, parallel=2, read_share=1).run()
+    assert sorted(seen) == [(s.id, 1) for s in plan]
+    assert 1 <= len(built) <= 2
