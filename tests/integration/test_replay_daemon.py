@@ -130,3 +130,35 @@ def test_replay_across_a_shard_split_reads_the_parent_before_its_children_and_sh
         assert all(oid.startswith("after-") for _, oids in calls for oid in oids)
     finally:
         run.stop()
+
+
+def test_replay_on_the_local_stack_processes_exactly_the_window_once_with_a_progress_bar():
+    """T0 < T1 < T2 on LocalStack's Kinesis, the reactions on moto: `replay --from T1 --to T2`
+    processes exactly T1's changes, and a second run repeats no reaction."""
+    run = LocalRun(config("test-replay-window"))
+    try:
+        run.start_stack()
+        h0, h1, h2 = (History(orders=4, prefix=p) for p in ("w0", "w1", "w2"))
+        t = []
+        for h in (h0, h1, h2):
+            t.append(datetime.now(timezone.utc))
+            time.sleep(1.1)
+            put_changes(run, h.kds_changes(run.cfg.names.orders_table, int(time.time() * 1e6)))
+            time.sleep(1.1)
+        proc = cli(run, "replay", "--from", t[1].isoformat(), "--to", t[2].isoformat(), "--json", "--progress", "on")
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        summary = orjson.loads(proc.stdout)
+        assert summary["records"] == len(h1.kds_changes(run.cfg.names.orders_table, 0))
+        assert "records, " in proc.stderr.decode() and "shards" in proc.stderr.decode(), "the progress bar"
+        assert set(observe(run, "w1").changes) == h1.expected_changes()
+        assert not observe(run, "w0").changes and not observe(run, "w2").changes
+        first = observe(run, "w1")
+        assert first.refunds == h1.expected_refunds() and first.emails == h1.expected_emails()
+
+        again = cli(run, "replay", "--from", t[1].isoformat(), "--to", t[2].isoformat(), "--json")
+        assert again.returncode == 0, again.stderr.decode()[-2000:]
+        assert orjson.loads(again.stdout)["routes"]["refunds.request"] == {"duplicate": sum(h1.expected_refunds().values())}
+        seen = observe(run, "w1")
+        assert seen.refunds == first.refunds and seen.emails == first.emails, "no reaction repeated"
+    finally:
+        run.stop()
