@@ -26,6 +26,10 @@ PATHS = (
 )
 _ser, _de = TypeSerializer(), TypeDeserializer()
 
+# A send's done-marker is written when its round of calls ends: a send answered this long
+# before a kill -9 may still have had none.
+MARKER_WINDOW = 10.0
+
 COUNTS_FILE = Path(__file__).resolve().parents[2] / ".local" / "faults" / "counts.jsonl"
 
 

@@ -4,6 +4,7 @@ order history, injects its fault, waits until the processor has caught up, and a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -21,7 +22,7 @@ from orders_cdc.local.runner import wait_until
 from tests.factories import kds_record
 from tests.faults.harness import (
     PATHS, History, assert_exact, caught_up, child_pids, connections_to, duplicated_and_reordered, freeze_and_kill,
-    jvm_pid, lease_owners, observe, put_changes, report,
+    jvm_pid, lease_owners, MARKER_WINDOW, observe, put_changes, report,
 )
 
 pytestmark = pytest.mark.faults
@@ -78,18 +79,59 @@ def test_sigterm_of_the_daemon_then_restart(fault_run):
                     lambda: os.kill(jvm_pid(supervisor), signal.SIGTERM), "SIGTERM daemon")
 
 
-def test_two_workers_one_killed_the_other_takes_over(fault_run):
-    run = fault_run()
-    second = run.start_daemon(worker_id="local-worker-2")
-    first = run.daemons[0]
+def test_two_workers_one_killed_the_other_takes_over(fault_proxy, fault_run):
+    """Kill -9 of a whole task. The survivor takes its leases; counters stay exact, and an
+    email or refund goes twice only if its send was in flight at the kill or answered within
+    the marker window before it (README: "at least once if the worker dies between the send
+    and its done-marker"): SES and SQS go through proxies that record every call."""
+    from tests.faults.proxy import ses_subject
+
+    run = fault_run(daemon=False)
+    ses, sqs = fault_proxy(run.stack.endpoints["ses"]), fault_proxy(run.stack.endpoints["sqs"])
+    proxies = {"ses": ses, "sqs": sqs}
+    via = {"AWS_ENDPOINT_URL_SES": ses.url, "AWS_ENDPOINT_URL_SQS": sqs.url}
+    first = run.start_daemon(**via)
+    second = run.start_daemon(worker_id="local-worker-2", **via)
+
     def kill_task():
         # The whole first task, as when a container dies: the supervisor, and the JVM with
-        # its Python children (the JVM runs in a process group of its own).
+        # its Python children (the JVM runs in a process group of its own). The children are
+        # frozen first, so their open connections say which calls were in flight.
         jvm = jvm_pid(first.pid)
-        os.killpg(first.pid, signal.SIGKILL)
-        os.killpg(jvm, signal.SIGKILL)
+        killed = freeze_and_kill(jvm, proxies, frozen=[jvm, *child_pids(first.pid)])
+        for group in (first.pid, jvm):
+            with contextlib.suppress(ProcessLookupError):  # the group may have gone with the JVM
+                os.killpg(group, signal.SIGKILL)
+        return killed
 
-    _run_with_fault(run, History(orders=40, prefix="two"), kill_task, "two workers, one killed")
+    history = History(orders=40, prefix="two")
+    injected = {}
+
+    def on_step(n):
+        if n == 20:
+            _first_change_processed(run, history)
+        if n == 60:
+            injected["kill"] = kill_task()
+
+    history.write(run, on_step=on_step)
+    seen = caught_up(run, history, timeout=300)
+    kill = injected["kill"]
+    in_flight = kill.calls_in_flight(proxies)
+    answered = {name: [r for r in p.requests if r.status == 200 and r.finished
+                       and kill.at - MARKER_WINDOW <= r.finished <= kill.at] for name, p in proxies.items()}
+    window_emails = Counter(ses_subject(r.body) for r in in_flight["ses"] + answered["ses"] if r.action == "SendEmail")
+    window_refunds = Counter(o for r in in_flight["sqs"] + answered["sqs"] if r.action == "SendMessageBatch"
+                             for o in history.expected_refunds() if f'{o}\\"' in r.text or f'{o}"' in r.text)
+    expected = history.expected_emails()
+    twice = Counter({s: n - expected[s] for s, n in seen.emails.items() if n > expected[s]})
+    refunds_twice = Counter({o: n - 1 for o, n in seen.refunds.items() if n > 1})
+    counts = report("two workers, one killed", history, seen, recovery_s=round(time.monotonic() - kill.at, 1),
+                    sends_in_the_window={"ses": sum(window_emails.values()), "refunds": sum(window_refunds.values())})
+    assert not twice - window_emails, f"only an email sent in the kill's window may go twice: {twice - window_emails}"
+    assert not refunds_twice - window_refunds, f"only a refund in the kill's window may go twice: {refunds_twice}"
+    assert_exact(history, dataclasses.replace(seen, emails=seen.emails - twice, refunds=seen.refunds - refunds_twice),
+                 counts)
+    assert counts["dead_letters"] == 0
     # The dead worker may have been the leader: its lock lease (120 s) runs out before the
     # survivor's assignment manager hands out the orphaned leases.
     try:

@@ -36,7 +36,7 @@ import pytest
 from orders_cdc.local.runner import wait_until
 from tests.faults.harness import (
     History, Kill, _scan, assert_exact, caught_up, child_pids, counts_of, duplicated_and_reordered, emit,
-    freeze_and_kill, jvm_pid, observe, put_changes, put_records,
+    MARKER_WINDOW, freeze_and_kill, jvm_pid, observe, put_changes, put_records,
 )
 from tests.faults.test_scenarios import POISON
 
@@ -49,9 +49,6 @@ RATE = float(os.environ.get("ORDERS_CDC_SOAK_RATE") or min(8.0, round((64 * 150 
 GAP = (15.0, 20.0) if SECONDS <= 180 else (15.0, 30.0)  # seconds from a fault's end to the next
 ORDERS_PER_ROUND = 20  # one History per round: 60 changes, every path, interleaved
 PREFIX = "soak"
-# A send's done-marker is written when its round of calls ends: a send answered this long
-# before a kill -9 may still have had none.
-MARKER_WINDOW = 10.0
 RESTARTS = ("kill9_child", "kill9_daemon", "sigterm_daemon")  # each one restarts the JVM (~1 min here)
 OTHERS = ("downstream_5xx", "ses_throttling", "duplicates", "poison")
 
