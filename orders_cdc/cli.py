@@ -201,6 +201,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     end = replay.parse_time(args.to, "--to", now) if args.to else None
     if not 0 < args.read_share <= 1:
         raise SettingsError(f"--read-share {args.read_share:g}: give a share of the shard's 5 reads/s, in (0, 1]")
+    if args.parallel < 1:
+        raise SettingsError(f"--parallel {args.parallel}: give at least 1 shard at a time")
     window = replay.check_window(start, end, now=now, retention_hours=retention_hours(kinesis, stream),
                                  ttl_seconds=settings.idempotency_ttl_seconds, force=args.force)
     plan = replay.choose_shards(replay.list_shards(kinesis, stream), args.shard)

@@ -231,6 +231,7 @@ def test_dry_run_has_no_side_effect_and_counts_what_would_run_and_what_is_done(h
     (["--from", "-2h"], r"older than the idempotency records' TTL \(1 h\)"),
     (["--from", "-1m", "--routes", "nope"], r"unknown route\(s\) nope; the routes are: analytics.firehose_copy, "),
     (["--from", "-1m", "--shard", "shardId-7"], r"--shard shardId-7: not a shard of the stream"),
+    (["--from", "-1m", "--parallel", "0"], r"--parallel 0: give at least 1 shard at a time"),
 ])
 def test_each_bad_time_fails_with_its_line_and_nothing_is_processed(history, args, line):
     names, clients, created, env, t1, t2 = history
