@@ -32,9 +32,9 @@ def _first_change_processed(run, history, timeout=240):
     wait_until(lambda: observe(run, history.prefix).changes, timeout, 2.0, "the first change to be processed")
 
 
-def _run_with_fault(run, history, fault, name, at_step=60):
+def _write_with_fault(run, history, fault, at_step=60):
     """Write the history; once the consumer is live, inject `fault` at `at_step`; wait until
-    caught up, report, and assert every reaction exactly once. Returns what fault returned."""
+    caught up. Returns what was seen, and {result: what fault returned, at: when}."""
     injected = {}
 
     def on_step(n):
@@ -44,7 +44,13 @@ def _run_with_fault(run, history, fault, name, at_step=60):
             injected.update(result=fault(), at=time.monotonic())
 
     history.write(run, on_step=on_step)
-    seen = caught_up(run, history, timeout=300)
+    return caught_up(run, history, timeout=300), injected
+
+
+def _run_with_fault(run, history, fault, name, at_step=60):
+    """`_write_with_fault`, then report, and assert every reaction exactly once. Returns
+    what fault returned."""
+    seen, injected = _write_with_fault(run, history, fault, at_step)
     counts = report(name, history, seen, recovery_s=round(time.monotonic() - injected["at"], 1))
     assert_exact(history, seen, counts)
     assert counts["dead_letters"] == 0
@@ -105,17 +111,8 @@ def test_two_workers_one_killed_the_other_takes_over(fault_proxy, fault_run):
         return killed
 
     history = History(orders=40, prefix="two")
-    injected = {}
-
-    def on_step(n):
-        if n == 20:
-            _first_change_processed(run, history)
-        if n == 60:
-            injected["kill"] = kill_task()
-
-    history.write(run, on_step=on_step)
-    seen = caught_up(run, history, timeout=300)
-    kill = injected["kill"]
+    seen, injected = _write_with_fault(run, history, kill_task)
+    kill = injected["result"]
     in_flight = kill.calls_in_flight(proxies)
     answered = {name: [r for r in p.requests if r.status == 200 and r.finished
                        and kill.at - MARKER_WINDOW <= r.finished <= kill.at] for name, p in proxies.items()}
