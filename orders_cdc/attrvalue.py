@@ -362,6 +362,26 @@ def marshal(value: Any) -> dict[str, Any]:
     return _boto3_serialize(value)
 
 
+def request_map(m: dict[str, Any]) -> dict[str, Any]:
+    """A wire-form attribute map (already validated: ``unmarshal_map`` took it) as botocore's
+    DynamoDB client takes it: the same AttributeValues, B and BS as bytes (botocore base64-encodes
+    them again). Cheaper than unmarshal + ``marshal`` of every value, and exact by construction."""
+    return {k: _request_value(av) for k, av in m.items()}
+
+
+def _request_value(av: dict[str, Any]) -> dict[str, Any]:
+    ((tag, v),) = av.items()
+    if tag == "M":
+        return {"M": request_map(v)}
+    if tag == "L":
+        return {"L": [_request_value(x) for x in v]}
+    if tag == "B":
+        return {"B": _b(v)}
+    if tag == "BS":
+        return {"BS": [_b(x) for x in v]}
+    return av
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 

@@ -42,7 +42,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from orders_cdc.attrvalue import marshal
+from orders_cdc.attrvalue import marshal, request_map
 from orders_cdc.change import ChangeRecord, EventName
 from orders_cdc.routing import Idempotency, Route
 from orders_cdc.settings import Resources
@@ -72,20 +72,20 @@ _OVERHEAD = 512  # bytes a put adds to its item's estimate: the version attribut
 
 
 def replica_item(change: ChangeRecord, tombstone_seconds: int) -> dict[str, Any]:
-    """The replica item this change leaves (plain Python values): the order with its version,
-    or, for a REMOVE, a tombstone."""
+    """The replica item this change leaves, as AttributeValues: the order (its NewImage as it
+    came, B and BS as bytes) with its version, or, for a REMOVE, a tombstone."""
     us, seq = version(change)
     if change.event is EventName.REMOVE:
-        item: dict[str, Any] = {**change.keys, DELETED: True, EXPIRES_AT: us // 1_000_000 + tombstone_seconds}
+        plain: dict[str, Any] = {**change.keys, DELETED: True, EXPIRES_AT: us // 1_000_000 + tombstone_seconds}
+        item = {k: marshal(v) for k, v in plain.items()}
     else:
-        image = change.new_image
-        if image is None:
+        if change.new_image is None:  # decodes (and so checks) the image once per change, cached
             raise OrderDataError(f"{change.event.value} without a NewImage: the stream must carry new images")
-        clash = RESERVED.intersection(image)
+        clash = RESERVED.intersection(change.new_av)
         if clash:
             raise OrderDataError(f"the order has attribute(s) {sorted(clash)}, which the replica keeps for itself")
-        item = {**image, **change.keys}
-    item[VERSION_US], item[VERSION_SEQ] = us, seq
+        item = {**request_map(change.new_av), **{k: marshal(v) for k, v in change.keys.items()}}
+    item[VERSION_US], item[VERSION_SEQ] = {"N": str(us)}, {"S": seq}
     return item
 
 
@@ -93,7 +93,7 @@ def _put(table: str, change: ChangeRecord, tombstone_seconds: int) -> tuple[tupl
     us, seq = version(change)
     request = {
         "TableName": table,
-        "Item": {k: marshal(v) for k, v in replica_item(change, tombstone_seconds).items()},
+        "Item": replica_item(change, tombstone_seconds),
         "ConditionExpression": _CONDITION,
         "ExpressionAttributeValues": {":us": {"N": str(us)}, ":seq": {"S": seq}},
     }
