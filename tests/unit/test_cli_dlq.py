@@ -59,7 +59,9 @@ def test_list_then_redrive(stack):
     assert sorted(l["reason"] for l in listed) == ["downstream was down", "not JSON"]
     assert queue_depth(clients, url) == 2, "listing takes nothing away"
 
-    outcomes = {o["sequence_number"]: o["now"] for o in cli(env, "redrive")}
+    redriven = cli(env, "redrive")
+    outcomes = {o["sequence_number"]: o["now"] for o in redriven}
+    assert len(redriven) == 2, "each letter once: the poison record's new letter is not taken again"
     assert outcomes[sequence_number(1)] == "done"
     assert outcomes[sequence_number(2)].startswith("dead-lettered again:")
     assert len(analytics_for(clients, names.analytics_bucket, "r-1")) == 1
