@@ -79,17 +79,24 @@ class CallPool(Pool):
     clock: Callable[[], float] = time.time
     most_in_flight: int = 0
     _queue: deque[Call] = field(default_factory=deque, init=False, repr=False)
-    _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+    # One lock, two conditions: idle workers wait for calls (`_work_ready`, one woken per call), the
+    # caller waits for starts and ends (`_done`), so a finishing call wakes no idle worker.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _work_ready: threading.Condition = field(init=False, repr=False)
+    _done: threading.Condition = field(init=False, repr=False)
     _workers: int = field(default=0, init=False)
     _idle: int = field(default=0, init=False)
     _running: int = field(default=0, init=False)
     _abandoned: list[Call] = field(default_factory=list, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self._work_ready, self._done = threading.Condition(self._lock), threading.Condition(self._lock)
+
     def run(self, calls: Sequence[Call], timeout: float, time_left: float) -> list[Any]:
         """Run `calls` concurrently; each gets `timeout` seconds from its start, and none
         starts unless that fits in the `time_left` (seconds from now) of the batch."""
         deadline = self.clock() + time_left
-        with self._cond:
+        with self._lock:
             self._abandoned = [c for c in self._abandoned if not c.finished]
             if len(self._abandoned) >= self.max_abandoned:
                 raise FatalProcessingError(f"{len(self._abandoned)} handler calls are still hung")
@@ -97,7 +104,7 @@ class CallPool(Pool):
                 call.timeout, call.deadline = timeout, deadline
                 self._queue.append(call)
             self._spawn(min(len(self._queue), self.capacity - self._running) - self._idle)
-            self._cond.notify_all()
+            self._work_ready.notify(len(calls))
             while True:
                 now = self.clock()
                 waiting = [c for c in calls if not c.finished and not c.abandoned]
@@ -114,7 +121,7 @@ class CallPool(Pool):
                         wake = ends if wake is None else min(wake, ends)
                 if all(c.finished or c.abandoned for c in calls):
                     break
-                self._cond.wait(None if wake is None else max(0.001, wake - now))
+                self._done.wait(None if wake is None else max(0.001, wake - now))
         return [c.result for c in calls]
 
     def _abandon(self, call: Call, ran: float) -> None:
@@ -133,33 +140,32 @@ class CallPool(Pool):
             threading.Thread(target=self._work, name="call", daemon=True).start()
 
     def _work(self) -> None:
-        with self._cond:
+        with self._lock:
             while True:
                 while not self._queue:
                     self._idle += 1
-                    self._cond.wait()
+                    self._work_ready.wait()
                     self._idle -= 1
                 call = self._queue.popleft()
                 now = self.clock()
                 if now + call.timeout > call.deadline:
                     call.result, call.finished = NotStarted("no time left in this batch for the call"), True
                     call = None
-                    self._cond.notify_all()
+                    self._done.notify_all()
                     continue
                 call.started = now
                 self._running += 1
                 self.most_in_flight = max(self.most_in_flight, self._running)
-                self._cond.notify_all()  # the caller now watches this call's deadline
-                self._cond.release()
+                self._done.notify_all()  # the caller now watches this call's deadline
+                self._lock.release()
                 try:
                     result: Any = call.fn()
                 except BaseException as exc:  # noqa: BLE001 - handed back as the call's result
                     result = exc
-                self._cond.acquire()
+                self._lock.acquire()
                 call.finished = True
                 if call.abandoned:
                     self._workers -= 1
-                    self._cond.notify_all()
                     late = call.on_late
                     break
                 self._running -= 1
@@ -167,7 +173,7 @@ class CallPool(Pool):
                 # An idle worker must not keep its last call (and through it that call's
                 # changes, a whole batch for a counter route) alive into the next batch.
                 call = result = None
-                self._cond.notify_all()
+                self._done.notify_all()
         if late is not None:
             try:
                 late(result)
