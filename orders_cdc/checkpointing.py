@@ -43,6 +43,11 @@ class CheckpointPolicy:
         self._last_commit_at = self.clock()
 
     @property
+    def blocked(self) -> bool:
+        """A record was not settled: no checkpoint may pass it, SHARD_END included."""
+        return self._blocked
+
+    @property
     def committed(self) -> tuple[str, int] | None:
         return self._committed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 import time
 import uuid
@@ -32,6 +33,16 @@ def child_main() -> int:
     from orders_cdc.app import build_processor, tune_gc
 
     processor = build_processor(settings)
+
+    def stop(_signum, _frame):
+        # `orders-cdc run` passes ECS's SIGTERM to the daemon's process group, so this child
+        # hears it while the daemon waits shutdownGraceMillis for its batch: start no more
+        # calls (an email begun now could outlive the grace and its done-marker). A second
+        # SIGTERM ends the child at once.
+        processor.request_stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, stop)
     tune_gc()
     try:
         protocol.run(processor, proto_in, proto_out)

@@ -9,6 +9,9 @@ so the abandoned call keeps running on its own thread (a fresh worker takes its 
 its `on_late` hook runs when it ends, so a side effect that did happen is still recorded.
 Past `max_abandoned` such threads the child is wedged and exits (FatalProcessingError).
 
+Once `stopping` is set (the worker was asked to stop), no call starts: those still in line
+get NotStarted, the ones in flight run to their end.
+
 A call is not started unless its whole timeout fits before the batch's deadline: a send
 that could not finish in the time left is not begun (it gets NotStarted, spending nothing).
 """
@@ -50,6 +53,8 @@ class Pool:
 
     capacity: int = 1
     most_in_flight: int = 0
+    # Set from a signal handler: a plain attribute (no lock may be taken there).
+    stopping: bool = False
 
     def run(self, calls: Sequence[Call], timeout: float, time_left: float) -> list[Any]:
         raise NotImplementedError
@@ -60,8 +65,11 @@ class InlinePool(Pool):
     cannot hang."""
 
     def run(self, calls: Sequence[Call], timeout: float, time_left: float) -> list[Any]:
-        out = []
+        out: list[Any] = []
         for call in calls:
+            if self.stopping:
+                out.append(NotStarted("the worker is stopping"))
+                continue
             try:
                 out.append(call.fn())
             except FatalProcessingError:
@@ -78,6 +86,7 @@ class CallPool(Pool):
     max_abandoned: int = 8
     clock: Callable[[], float] = time.time
     most_in_flight: int = 0
+    stopping: bool = False
     _queue: deque[Call] = field(default_factory=deque, init=False, repr=False)
     # One lock, two conditions: idle workers wait for calls (`_work_ready`, one woken per call), the
     # caller waits for starts and ends (`_done`), so a finishing call wakes no idle worker.
@@ -148,8 +157,9 @@ class CallPool(Pool):
                     self._idle -= 1
                 call = self._queue.popleft()
                 now = self.clock()
-                if now + call.timeout > call.deadline:
-                    call.result, call.finished = NotStarted("no time left in this batch for the call"), True
+                if self.stopping or now + call.timeout > call.deadline:
+                    why = "the worker is stopping" if self.stopping else "no time left in this batch for the call"
+                    call.result, call.finished = NotStarted(why), True
                     call = None
                     self._done.notify_all()
                     continue

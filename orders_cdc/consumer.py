@@ -2,6 +2,11 @@
 
 It stays thin: hand the batch to the pipeline, feed the outcomes to the checkpoint
 policy, checkpoint when due. Exceptions are not caught here; see kcl/protocol.py.
+
+Asked to stop (SIGTERM, `request_stop`): the batch in hand ends with what is in flight, its
+settled prefix is checkpointed, and the batch is acknowledged so that the daemon goes on to
+shutdownRequested; a later non-empty batch, or the end of the shard, is never acknowledged
+(the child exits): the shard's next owner resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from orders_cdc.checkpointing import CheckpointPolicy
+from orders_cdc.errors import FatalProcessingError
 from orders_cdc.kcl.protocol import Checkpointer, CheckpointError, KclError, RecordProcessor
 from orders_cdc.metrics import ROUTE_UNITS, child_started, emf, route_metrics
 from orders_cdc.pipeline import Outcome, Pipeline
@@ -32,6 +38,10 @@ class ChangeProcessor(RecordProcessor):
         self.policy = new_policy()
         self.totals: Counter[str] = Counter()
 
+    def request_stop(self) -> None:
+        """The child's SIGTERM handler: no new calls; see the module docstring."""
+        self._pipeline.request_stop()
+
     def initialize(self, shard_id, sequence_number, sub_sequence_number) -> None:
         self.shard_id = shard_id
         self.policy = self._new_policy()
@@ -42,11 +52,18 @@ class ChangeProcessor(RecordProcessor):
 
     def process_records(self, records, millis_behind_latest, checkpointer: Checkpointer) -> None:
         self._heartbeat()
+        if records and (self._pipeline.stopping or self.policy.blocked):
+            raise FatalProcessingError(f"stopping: a batch of {len(records)} record(s) left for the shard's next owner")
         if records:
             started = time.perf_counter()
             results = self._pipeline.process(records, self.shard_id)
             self.policy.observe(results)
             counts = Counter(r.outcome.value for r in results)
+            if counts[Outcome.UNSETTLED.value]:
+                self.policy.checkpoint(checkpointer, force=True)
+                log.warning("stopping: records left for the shard's next owner",
+                            extra={"shard": self.shard_id, "unsettled": counts[Outcome.UNSETTLED.value],
+                                   "checkpoint": self.policy.committed})
             # Per route: a record can be DONE for one route and a duplicate for another.
             reactions = Counter(f"{o.value}_reactions" for r in results for _, o in r.routes
                                 if o in (Outcome.DUPLICATE, Outcome.STALE))
@@ -74,8 +91,11 @@ class ChangeProcessor(RecordProcessor):
         log.info("lease lost", extra={"shard": self.shard_id, "totals": dict(self.totals)})
 
     def shard_ended(self, checkpointer: Checkpointer) -> None:
-        # Every record was handled before this call (process_records returns only then), so
-        # SHARD_END is safe; without it the child shards are never processed.
+        # Every record was handled before this call (process_records returns only then, unless
+        # the worker is stopping), so SHARD_END is safe; without it the child shards are never
+        # processed.
+        if self.policy.blocked:
+            raise FatalProcessingError("stopping: the shard's last records are not settled; SHARD_END not written")
         for attempt in range(1, 6):
             try:
                 checkpointer.checkpoint(None, None)

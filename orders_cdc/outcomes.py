@@ -14,6 +14,9 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # every reaction was done before (redelivery, KDS duplicate, replay)
     STALE = "stale"  # older than what the route already applied
     DEAD_LETTERED = "dead_lettered"
+    # Not settled: the worker was asked to stop (SIGTERM) before this record's reactions
+    # ran. Never checkpointed; the shard's next owner does it.
+    UNSETTLED = "unsettled"
 
 
 @dataclass(frozen=True, slots=True)

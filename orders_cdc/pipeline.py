@@ -21,6 +21,9 @@ per call, so one item's changes on it run one after the other, round by round.
 - A circuit breaker per route tells an outage from a bad record: while it is open the
   route is not called, records keep their attempts, and the batch waits (see breaker.py).
 - What happens after a failure is `retry.decide`, a pure function of the failure.
+- `request_stop` (the child's SIGTERM handler): no call starts any more, the calls in flight
+  end and write their done-markers, and `process` returns with the records it could not
+  settle as UNSETTLED, which the checkpoint never passes.
 
 DynamoDB calls this layer adds (idempotency table), per record routed:
 - every idempotent route: BatchGetItem, 1 per 100 (route, change) keys of the batch;
@@ -162,17 +165,26 @@ class Pipeline:
             self._breakers[route.name] = CircuitBreaker(route.name, self.breaker, self.clock)
         return self._breakers[route.name]
 
+    @property
+    def stopping(self) -> bool:
+        return self.pool.stopping
+
+    def request_stop(self) -> None:
+        """Start no more calls (safe in a signal handler: it takes no lock)."""
+        self.pool.stopping = True
+
     def process(self, records: Sequence[dict], shard_id: str) -> list[RecordResult]:
         started = self.clock()
         self._shard = shard_id
         batch = [_Record(i, raw) for i, raw in enumerate(records)]
         pending = self._plan(self._decode_and_route(batch, shard_id))
-        while pending:
+        while pending and not self.stopping:
             self._round(pending, started)
         dead = [r for r in batch if r.letter is not None]
         if dead:
             self._send_dead_letters([self._letter(r, shard_id) for r in dead], dead)
-        return [_result(r) for r in batch]
+        unsettled = {id(t.record) for tasks in pending.values() for t in tasks if t.record.letter is None}
+        return [_result(r, id(r) in unsettled) for r in batch]
 
     def preview(self, records: Sequence[dict], shard_id: str) -> list[Preview]:
         """What `process` would do with the batch, with no side effect: decode, route, and
@@ -261,7 +273,8 @@ class Pipeline:
                 wakes.append(wake)
             units += _units(route, ready[:1] if allowance == 1 else ready)
         if not units:
-            self.sleep(max(0.0, min(wakes + [deadline]) - now))
+            # In steps of at most a second, so that a stop request is seen while waiting.
+            self.sleep(min(1.0, max(0.0, min(wakes + [deadline]) - now)))
             return
         failed = self._lock(units)
         units = [u for u in units if u.tasks]
@@ -526,9 +539,11 @@ def _units(route: Route, ready: list[_Task]) -> list[_Unit]:
     return units
 
 
-def _result(record: _Record) -> RecordResult:
+def _result(record: _Record, unsettled: bool = False) -> RecordResult:
     seq, sub = record.raw["sequenceNumber"], int(record.raw.get("subSequenceNumber") or 0)
     routes = tuple(sorted((record.routed or {}).items()))
+    if unsettled:
+        return RecordResult(seq, sub, Outcome.UNSETTLED, record.change, "the worker was asked to stop", routes)
     if record.letter is not None:
         return RecordResult(seq, sub, Outcome.DEAD_LETTERED, record.change, _reason(record.letter[0]), routes)
     outcomes = {o for _, o in routes}

@@ -1,8 +1,9 @@
 """Start the Java MultiLangDaemon: effective properties, classpath, JVM flags, signals.
 
 The daemon is a child of `orders-cdc run` in its own session, so a terminal's Ctrl-C
-reaches only us; we turn it into one SIGTERM to the JVM, which asks every record
-processor to checkpoint (shutdownRequested) within shutdownGraceMillis.
+reaches only us; we turn it into one SIGTERM to the daemon's process group: the JVM asks
+every record processor to checkpoint (shutdownRequested) within shutdownGraceMillis, and
+the Python children (in the JVM's group) start no new calls meanwhile.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def build_command(values: dict[str, str], run_dir: Path, java: str | None = None
 
 def run(command: DaemonCommand, env: dict[str, str] | None = None, restart: bool = False,
         max_backoff: float = 30.0, monitor=None) -> int:
-    """Run the daemon; SIGTERM/SIGINT to us become one SIGTERM to it.
+    """Run the daemon; SIGTERM/SIGINT to us become one SIGTERM to its process group.
 
     When a Python child dies, the MultiLangDaemon shuts every shard down and the JVM exits
     1. In ECS the task exits and the service replaces it. With restart=True (local runs)
@@ -120,7 +121,12 @@ def run(command: DaemonCommand, env: dict[str, str] | None = None, restart: bool
         stopping = True
         log.info("stopping daemon", extra={"signal": signal.Signals(signum).name, "pid": proc.pid if proc else None})
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            # The daemon's whole process group: the JVM starts its graceful shutdown, and each
+            # Python child stops starting calls, so its batch ends within shutdownGraceMillis.
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     backoff = 1.0

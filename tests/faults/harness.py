@@ -356,6 +356,15 @@ def jvm_pid(supervisor_pid: int) -> int | None:
     return next((p for p in descendants(supervisor_pid) if "MultiLangDaemon" in _cmdline(p)), None)
 
 
+def ecs_stop(jvm: int) -> None:
+    """ECS's stop as `orders-cdc run` passes it on: SIGTERM to the JVM's process group, which
+    holds its Python children. (The supervisor here restarts the JVM, as a new task would.)"""
+    import os
+    import signal
+
+    os.killpg(jvm, signal.SIGTERM)
+
+
 def child_pids(supervisor_pid: int) -> list[int]:
     return [p for p in descendants(supervisor_pid) if "record_processor.py" in _cmdline(p)]
 

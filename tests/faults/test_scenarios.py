@@ -22,7 +22,7 @@ from orders_cdc.local.runner import wait_until
 from tests.factories import kds_record
 from tests.faults.harness import (
     PATHS, History, assert_exact, caught_up, child_pids, connections_to, duplicated_and_reordered, freeze_and_kill,
-    jvm_pid, lease_owners, MARKER_WINDOW, observe, put_changes, report,
+    jvm_pid, lease_owners, MARKER_WINDOW, observe, put_changes, report, ecs_stop,
 )
 
 pytestmark = pytest.mark.faults
@@ -81,8 +81,8 @@ def test_sigterm_of_the_daemon_then_restart(fault_run):
     run = fault_run()
     supervisor = run.daemons[0].pid
     # What ECS sends: the children checkpoint first, then the supervisor restarts the JVM.
-    _run_with_fault(run, History(orders=40, prefix="term"),
-                    lambda: os.kill(jvm_pid(supervisor), signal.SIGTERM), "SIGTERM daemon")
+    _run_with_fault(run, History(orders=40, prefix="term"), lambda: ecs_stop(jvm_pid(supervisor)),
+                    "SIGTERM daemon")
 
 
 def test_two_workers_one_killed_the_other_takes_over(fault_proxy, fault_run):

@@ -348,3 +348,58 @@ def test_the_wired_processor_reacts_once_to_a_redelivered_batch(moto_server):
     assert calls["PutRecordBatch"] == 2, "analytics and audit copies again (downstream dedups)"
     assert calls["BatchGetItem"] == 1, "duplicates found in one read"
     assert calls["PutItem"] == first["PutItem"] == 1, "no locks taken; what is left is the view's own guarded write"
+
+
+# ---------------------------------------------------------------------------------------------
+# Asked to stop (the child's SIGTERM): nothing starts, what is in flight ends with its marker
+
+
+def stopping_after_first_send(pipeline, sent):
+    """An email route whose first send is the moment the worker is told to stop."""
+    def send(change, ctx):
+        sent.append(change.keys["order_id"])
+        if len(sent) == 1:
+            pipeline.request_stop()
+    return send
+
+
+@pytest.mark.parametrize("pool", [InlinePool, lambda: CallPool(capacity=1)])
+def test_a_stop_request_starts_no_more_sends_and_the_one_in_flight_keeps_its_marker(pool):
+    sent: list[str] = []
+    p, store, _ = make([], pool=pool())
+    p.router = Router([Route("email", "Orders", stopping_after_first_send(p, sent), per_change=True)])
+    results = p.process(batch(shipped("o-1"), shipped("o-2"), shipped("o-3")), "s")
+
+    assert sent == ["o-1"], "no send began after the stop request"
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.UNSETTLED, Outcome.UNSETTLED]
+    assert [r.status for r in store.records.values()] == [Status.COMPLETED], \
+        "o-1's done-marker written; no lock left behind for o-2 and o-3"
+    # The next owner: o-1 is a duplicate, o-2 and o-3 are sent once.
+    sent.clear()
+    q, _, _ = make([Route("email", "Orders", lambda c, ctx: sent.append(c.keys["order_id"]), per_change=True)],
+                   store=store)
+    again = q.process(batch(shipped("o-1"), shipped("o-2"), shipped("o-3")), "s")
+    assert [r.outcome for r in again] == [Outcome.DUPLICATE, Outcome.DONE, Outcome.DONE]
+    assert sent == ["o-2", "o-3"]
+
+
+def test_a_stopping_child_checkpoints_the_settled_prefix_and_acknowledges_no_later_batch():
+    from orders_cdc.checkpointing import CheckpointPolicy
+    from orders_cdc.consumer import ChangeProcessor
+    from tests.unit.test_checkpointing import ScriptedCheckpointer
+
+    sent: list[str] = []
+    p, _, _ = make([])
+    p.router = Router([Route("email", "Orders", stopping_after_first_send(p, sent), per_change=True)])
+    processor = ChangeProcessor(p, CheckpointPolicy, metrics=False)
+    processor.initialize("s", None, None)
+    cp = ScriptedCheckpointer()
+    processor.process_records(batch(shipped("o-1"), shipped("o-2")), 0, cp)  # acknowledged
+    assert cp.calls == [(sequence_number(1), 0)], "the settled prefix, and nothing past o-2"
+    with pytest.raises(FatalProcessingError, match="left for the shard's next owner"):
+        processor.process_records(batch(shipped("o-3"), start=3), 0, cp)
+    processor.process_records([], 0, cp)  # an idle poll is harmless
+    with pytest.raises(FatalProcessingError, match="SHARD_END not written"):
+        processor.shard_ended(cp)
+    processor.shutdown_requested(cp)
+    assert cp.calls == [(sequence_number(1), 0)] and sent == ["o-1"]
