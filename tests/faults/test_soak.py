@@ -7,7 +7,8 @@ like with `make soak DURATION=600` (ORDERS_CDC_SOAK_SECONDS). ORDERS_CDC_SOAK_SE
 run's faults (the seed is printed first); ORDERS_CDC_SOAK_RATE sets the table writes a second.
 
 Faults: kill -9 of a Python child; kill -9 of the daemon (the supervisor restarts it);
-SIGTERM of the daemon (ECS's stop; restarted too); a 5xx burst in front of SES or SQS;
+SIGTERM of the daemon's process group (ECS's stop as `orders-cdc run` passes it on; restarted too);
+a 5xx burst in front of SES or SQS;
 SES throttling; duplicated and reordered changes put straight onto the stream; the poison
 corpus put straight onto the stream. Every kind comes once, in a random order, then again; the
 three that restart the JVM (which takes about a minute on a busy 2-core machine) never come
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import os
 import random
-import signal
 import threading
 import time
 from collections import Counter
@@ -36,7 +36,7 @@ import pytest
 from orders_cdc.local.runner import wait_until
 from tests.faults.harness import (
     History, Kill, _scan, assert_exact, caught_up, child_pids, counts_of, duplicated_and_reordered, emit,
-    MARKER_WINDOW, freeze_and_kill, jvm_pid, observe, put_changes, put_records,
+    MARKER_WINDOW, freeze_and_kill, jvm_pid, observe, put_changes, put_records, ecs_stop,
 )
 from tests.faults.test_scenarios import POISON
 
@@ -52,7 +52,7 @@ PREFIX = "soak"
 RESTARTS = ("kill9_child", "kill9_daemon", "sigterm_daemon")  # each one restarts the JVM (~1 min here)
 OTHERS = ("downstream_5xx", "ses_throttling", "duplicates", "poison")
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(int(SECONDS) + 480)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(int(SECONDS) + 900)]
 
 
 @dataclass
@@ -192,6 +192,7 @@ def test_chaos_soak_short(fault_proxy, fault_run):
     kills: list[Kill] = []
     poison_seqs: dict[str, bytes] = {}  # sequence number -> the poison record's data
     retired: set[int] = set()  # children present at the last kill or restart
+    stopped_in_flight: list[dict] = []  # per SIGTERM, each proxy's calls in flight at it
     deck: list[str] = []
 
     def wait_live():
@@ -231,8 +232,13 @@ def test_chaos_soak_short(fault_proxy, fault_run):
         kids = child_pids(supervisor.pid)
         f.start = time.monotonic()  # the fault itself, not the wait before it
         retired.update(kids)
-        f.detail = {"jvm": jvm_pid(supervisor.pid), "ses_in_flight": len(proxies["ses"].in_flight_at(time.monotonic()))}
-        os.kill(f.detail["jvm"], signal.SIGTERM)
+        f.detail = {"jvm": jvm_pid(supervisor.pid)}
+        ecs_stop(f.detail["jvm"])
+        # The children start nothing once they hear it; what was in flight ends with its
+        # done-marker unless the daemon's grace runs out first (then the worker dies in the window).
+        at_stop = {name: p.in_flight_at(time.monotonic()) for name, p in proxies.items()}
+        stopped_in_flight.append(at_stop)
+        f.detail["ses_in_flight"] = len(at_stop["ses"])
 
     def burst(f, proxy, flag):
         seconds = rng.uniform(3, 6)
@@ -310,7 +316,8 @@ def test_chaos_soak_short(fault_proxy, fault_run):
     # and the sends answered in the MARKER_WINDOW before a kill: their done-markers (written
     # when their round ends) may not have been yet. Either may go twice (README: "at least
     # once if the worker dies between the send and its done-marker").
-    in_flight = {name: [r for k in kills for r in k.calls_in_flight(proxies, since=60)[name]] for name in proxies}
+    in_flight = {name: [r for k in kills for r in k.calls_in_flight(proxies, since=60)[name]]
+                 + [r for at_stop in stopped_in_flight for r in at_stop[name]] for name in proxies}
     answered = {name: [r for k in kills for r in proxies[name].requests if r.status == 200 and r.finished
                        and k.at - MARKER_WINDOW <= r.finished <= k.at] for name in proxies}
     from tests.faults.proxy import ses_subject
