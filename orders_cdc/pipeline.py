@@ -180,10 +180,12 @@ class Pipeline:
         pending = self._plan(self._decode_and_route(batch, shard_id))
         while pending and not self.stopping:
             self._round(pending, started)
-        dead = [r for r in batch if r.letter is not None]
+        # Stopped: a record with a reaction not yet run is the next owner's, whole (a letter
+        # for another of its routes is its to write).
+        unsettled = {id(t.record) for tasks in pending.values() for t in tasks}
+        dead = [r for r in batch if r.letter is not None and id(r) not in unsettled]
         if dead:
             self._send_dead_letters([self._letter(r, shard_id) for r in dead], dead)
-        unsettled = {id(t.record) for tasks in pending.values() for t in tasks if t.record.letter is None}
         return [_result(r, id(r) in unsettled) for r in batch]
 
     def preview(self, records: Sequence[dict], shard_id: str) -> list[Preview]:
