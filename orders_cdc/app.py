@@ -28,11 +28,14 @@ from orders_cdc.settings import Settings
 # in milliseconds: seconds, not botocore's 60, before a call counts as hung.
 _TIMEOUTS = {"dynamodb": {"connect_timeout": 2, "read_timeout": 5}}
 _DEFAULT_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 15}
-# SendEmail is not idempotent: botocore's own retry of a call that timed out reading its
-# reply re-sends an email SES may have sent (a fault scenario saw 4 copies of each email
-# behind a 30 s stall). The SES client makes one attempt; the pipeline retries with its
-# lock and done-marker around the send.
-_ATTEMPTS = {"ses": 1}  # total attempts (botocore's "max_attempts" counts retries only)
+# SendEmail and SendMessageBatch are not idempotent: a reply that timed out says nothing of
+# whether the email or the refund went, and botocore's own retry of such a call sends it
+# again (a fault scenario saw 4 copies of each email behind a 30 s stall; the 600 s soak,
+# 3 of a refund batch behind a 25 s one). So these clients make one attempt and wait for a
+# reply past the handler's deadline: the pipeline's deadline decides (concurrency.py), whose
+# abandoned call, when it ends, still writes its done-marker, so its retry sends nothing.
+_SENDS = ("ses", "sqs")
+_SEND_READ_MARGIN = 5.0  # seconds past ORDERS_CDC_HANDLER_TIMEOUT_SECONDS
 
 
 class Clients:
@@ -49,9 +52,13 @@ class Clients:
         # No client-side parameter validation: our requests are built by code, and walking a
         # 100-item transaction or a 500-record batch against the model cost ~10% of the
         # child's CPU in B5's profile; AWS validates them anyway (ValidationException).
-        config = Config(retries={"mode": "standard", "total_max_attempts": _ATTEMPTS.get(service, 3)},
+        timeouts = _TIMEOUTS.get(service, _DEFAULT_TIMEOUTS)
+        if service in _SENDS:
+            timeouts = {**timeouts, "read_timeout": self._settings.handler_timeout_seconds + _SEND_READ_MARGIN}
+        # total_max_attempts counts the first attempt (botocore's "max_attempts" counts retries only).
+        config = Config(retries={"mode": "standard", "total_max_attempts": 1 if service in _SENDS else 3},
                         max_pool_connections=self._settings.max_in_flight,
-                        parameter_validation=False, **_TIMEOUTS.get(service, _DEFAULT_TIMEOUTS))
+                        parameter_validation=False, **timeouts)
         return self._session.client(service, region_name=region, endpoint_url=endpoint_url or self._settings.endpoint(service),
                                     config=config)
 

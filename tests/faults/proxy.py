@@ -110,7 +110,9 @@ class FaultProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 forward = urllib.request.Request(proxy.upstream + self.path, data=body, headers=headers, method="POST")
                 try:
-                    with urllib.request.urlopen(forward, timeout=30) as reply:
+                    # Longer than any call of ours waits (a long soak slows moto to 25 s a reply):
+                    # a proxy that gave up first would not see a send the upstream made.
+                    with urllib.request.urlopen(forward, timeout=120) as reply:
                         status, payload, kind = reply.status, reply.read(), reply.headers.get("Content-Type", "text/xml")
                 except urllib.error.HTTPError as exc:
                     status, payload, kind = exc.code, exc.read(), exc.headers.get("Content-Type", "text/xml")

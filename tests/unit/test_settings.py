@@ -53,15 +53,24 @@ def test_positions():
         parse_position("2026-11-28T10:00:00")
 
 
-def test_clients_pool_a_connection_per_call_in_flight_and_the_ses_client_never_resends_by_itself():
+@pytest.mark.parametrize("handler_timeout", [20.0, 60.0, 300.0])
+def test_clients_pool_a_connection_per_call_in_flight_and_the_send_clients_never_resend_by_themselves(handler_timeout):
     from orders_cdc.app import Clients
     from orders_cdc.settings import load
 
-    clients = Clients(load({"AWS_REGION": "us-east-1", "ORDERS_CDC_MAX_IN_FLIGHT": "48"}))
+    clients = Clients(load({"AWS_REGION": "us-east-1", "ORDERS_CDC_MAX_IN_FLIGHT": "48",
+                            "ORDERS_CDC_HANDLER_TIMEOUT_SECONDS": str(handler_timeout),
+                            "ORDERS_CDC_IDEMPOTENCY_LOCK_SECONDS": str(handler_timeout + 30),
+                            "ORDERS_CDC_BATCH_DEADLINE_SECONDS": str(handler_timeout + 60)}))
     for client in (clients.dynamodb, clients.ses, clients.sqs, clients.firehose):
         assert client.meta.config.max_pool_connections == 48
-    assert clients.ses.meta.config.retries["total_max_attempts"] == 1, "a timed-out SendEmail may have been sent"
-    assert clients.sqs.meta.config.retries["total_max_attempts"] == 3
+    # An email or a refund whose reply timed out may have gone: one attempt, and no read
+    # timeout before the handler's deadline (whose late completion is still recorded).
+    for send in (clients.ses, clients.sqs):
+        assert send.meta.config.retries["total_max_attempts"] == 1
+        assert send.meta.config.read_timeout > handler_timeout
+    assert clients.firehose.meta.config.retries["total_max_attempts"] == 3
+    assert clients.dynamodb.meta.config.retries["total_max_attempts"] == 3
     assert (clients.dynamodb.meta.config.connect_timeout, clients.dynamodb.meta.config.read_timeout) == (2, 5)
 
 
