@@ -14,7 +14,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from orders_cdc import health, logs, settings as settings_module
-from orders_cdc.errors import SettingsError
+from orders_cdc.errors import SettingsError, Stopping
 
 log = logging.getLogger("orders_cdc")
 
@@ -46,6 +46,9 @@ def child_main() -> int:
     tune_gc()
     try:
         protocol.run(processor, proto_in, proto_out)
+    except Stopping as exc:
+        log.warning("processor stopped; exiting without acknowledging", extra={"why": str(exc)})
+        return 1
     except Exception:
         # Not acknowledging is the point: the daemon stops this worker, and the restarted
         # worker resumes from the last checkpoint, which never passed an unsettled record.

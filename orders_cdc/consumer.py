@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from orders_cdc.checkpointing import CheckpointPolicy
-from orders_cdc.errors import FatalProcessingError
+from orders_cdc.errors import Stopping
 from orders_cdc.kcl.protocol import Checkpointer, CheckpointError, KclError, RecordProcessor
 from orders_cdc.metrics import ROUTE_UNITS, child_started, emf, route_metrics
 from orders_cdc.pipeline import Outcome, Pipeline
@@ -53,7 +53,7 @@ class ChangeProcessor(RecordProcessor):
     def process_records(self, records, millis_behind_latest, checkpointer: Checkpointer) -> None:
         self._heartbeat()
         if records and (self._pipeline.stopping or self.policy.blocked):
-            raise FatalProcessingError(f"stopping: a batch of {len(records)} record(s) left for the shard's next owner")
+            raise Stopping(f"stopping: a batch of {len(records)} record(s) left for the shard's next owner")
         if records:
             started = time.perf_counter()
             results = self._pipeline.process(records, self.shard_id)
@@ -95,7 +95,7 @@ class ChangeProcessor(RecordProcessor):
         # the worker is stopping), so SHARD_END is safe; without it the child shards are never
         # processed.
         if self.policy.blocked:
-            raise FatalProcessingError("stopping: the shard's last records are not settled; SHARD_END not written")
+            raise Stopping("stopping: the shard's last records are not settled; SHARD_END not written")
         for attempt in range(1, 6):
             try:
                 checkpointer.checkpoint(None, None)

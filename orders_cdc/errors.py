@@ -63,6 +63,11 @@ class FatalProcessingError(Exception):
     without acknowledging, so the worker restarts from the last checkpoint."""
 
 
+class Stopping(FatalProcessingError):
+    """The worker was asked to stop (SIGTERM) and is handed work it will not do: exit
+    without acknowledging it. Expected on every stop, so not an error."""
+
+
 class Failure(StrEnum):
     """What a failure says, and so what happens next (`classify`; see retry.decide)."""
 
