@@ -52,7 +52,7 @@ class ChangeProcessor(RecordProcessor):
 
     def process_records(self, records, millis_behind_latest, checkpointer: Checkpointer) -> None:
         self._heartbeat()
-        if records and (self._pipeline.stopping or self.policy.blocked):
+        if records and self._pipeline.stopping:
             raise Stopping(f"stopping: a batch of {len(records)} record(s) left for the shard's next owner")
         if records:
             started = time.perf_counter()
