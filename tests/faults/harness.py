@@ -445,6 +445,33 @@ def freeze_and_kill(victim: int, proxies: dict, frozen: list[int] | None = None)
                     pass
 
 
+def answered_before(kill: Kill, proxies: dict) -> dict[str, list]:
+    """Each proxy's calls answered 200 in the MARKER_WINDOW before the kill: their done-markers
+    may not have been written yet."""
+    return {name: [r for r in proxy.requests if r.status == 200 and r.finished
+                   and kill.at - MARKER_WINDOW <= r.finished <= kill.at] for name, proxy in proxies.items()}
+
+
+def emails_in(requests: list) -> Counter:
+    """The emails (by subject) these SES requests sent."""
+    from tests.faults.proxy import ses_subject
+
+    return Counter(ses_subject(r.body) for r in requests if r.action == "SendEmail")
+
+
+def refunds_in(requests: list, orders) -> Counter:
+    """The refunds of `orders` these SQS requests sent to the refunds queue."""
+    return Counter(o for r in requests if r.action == "SendMessageBatch" and "refunds" in r.text
+                   for o in orders if f'{o}\\"' in r.text or f'{o}"' in r.text)
+
+
+def sent_twice(history: History, seen: Observed) -> tuple[Counter, Counter]:
+    """The emails and the refunds seen more often than the history asks for, by how many."""
+    expected = history.expected_emails()
+    return (Counter({s: n - expected[s] for s, n in seen.emails.items() if n > expected[s]}),
+            Counter({o: n - 1 for o, n in seen.refunds.items() if n > 1}))
+
+
 def lease_owners(run: LocalRun) -> dict[str, str]:
     items = run.client("dynamodb").scan(TableName=run.cfg.application, ConsistentRead=True)["Items"]
     return {i["leaseKey"]["S"]: i.get("leaseOwner", {}).get("S", "") for i in items

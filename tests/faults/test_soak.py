@@ -35,8 +35,8 @@ import pytest
 
 from orders_cdc.local.runner import wait_until
 from tests.faults.harness import (
-    History, Kill, _scan, assert_exact, caught_up, child_pids, counts_of, duplicated_and_reordered, emit,
-    MARKER_WINDOW, freeze_and_kill, jvm_pid, observe, put_changes, put_records, ecs_stop,
+    History, Kill, _scan, answered_before, assert_exact, caught_up, child_pids, counts_of, duplicated_and_reordered,
+    ecs_stop, emails_in, emit, freeze_and_kill, jvm_pid, observe, put_changes, put_records, refunds_in, sent_twice,
 )
 from tests.faults.test_scenarios import POISON
 
@@ -320,23 +320,12 @@ def test_chaos_soak_short(fault_proxy, fault_run):
     # once if the worker dies between the send and its done-marker").
     in_flight = {name: [r for k in kills for r in k.calls_in_flight(proxies, since=60)[name]]
                  + [r for at_stop in stopped_in_flight for r in at_stop[name]] for name in proxies}
-    answered = {name: [r for k in kills for r in proxies[name].requests if r.status == 200 and r.finished
-                       and k.at - MARKER_WINDOW <= r.finished <= k.at] for name in proxies}
-    from tests.faults.proxy import ses_subject
-
-    expected_emails, expected_refunds = oracle.expected_emails(), oracle.expected_refunds()
-
-    def emails_of(requests):
-        return Counter(ses_subject(r.body) for r in requests if r.action == "SendEmail")
-
-    def refunds_of(requests):
-        return Counter(o for r in requests if r.action == "SendMessageBatch" and "refunds" in r.text
-                       for o in expected_refunds if f'{o}\\"' in r.text or f'{o}"' in r.text)
-
-    ses_at_kills, refunds_at_kills = emails_of(in_flight["ses"]), refunds_of(in_flight["sqs"])
-    ses_window, refunds_window = emails_of(in_flight["ses"] + answered["ses"]), refunds_of(in_flight["sqs"] + answered["sqs"])
-    twice = Counter({s: n - expected_emails[s] for s, n in seen.emails.items() if n > expected_emails[s]})
-    refunds_twice = Counter({o: n - 1 for o, n in seen.refunds.items() if n > 1})
+    answered = {name: [r for k in kills for r in answered_before(k, proxies)[name]] for name in proxies}
+    refunded = oracle.expected_refunds()
+    ses_at_kills, refunds_at_kills = emails_in(in_flight["ses"]), refunds_in(in_flight["sqs"], refunded)
+    ses_window = emails_in(in_flight["ses"] + answered["ses"])
+    refunds_window = refunds_in(in_flight["sqs"] + answered["sqs"], refunded)
+    twice, refunds_twice = sent_twice(oracle, seen)
     _dump_requests(proxies, t0, kills, faults)
     recoveries = _recoveries(faults, traffic.written, proxies)
     measured = [r for r in recoveries if r is not None]
@@ -361,11 +350,11 @@ def test_chaos_soak_short(fault_proxy, fault_run):
         "emails_duplicated": sum(twice.values()),
         "emails_duplicated_in_flight_at_a_kill": sum((twice & ses_at_kills).values()),
         "ses_calls_in_flight_at_kills": sum(ses_at_kills.values()),
-        "ses_calls_answered_in_the_marker_window": sum(emails_of(answered["ses"]).values()),
+        "ses_calls_answered_in_the_marker_window": sum(emails_in(answered["ses"]).values()),
         "refunds_duplicated": sum(refunds_twice.values()),
         "refunds_duplicated_in_flight_at_a_kill": sum((refunds_twice & refunds_at_kills).values()),
         "refunds_in_flight_at_kills": sum(refunds_at_kills.values()),
-        "refunds_answered_in_the_marker_window": sum(refunds_of(answered["sqs"]).values()),
+        "refunds_answered_in_the_marker_window": sum(refunds_in(answered["sqs"], refunded).values()),
         "refused_5xx": {name: p.refused for name, p in proxies.items() if p.refused},
         "ses_throttled": proxies["ses"].throttled,
         "longest_recovery_s": max(measured, default=None),
